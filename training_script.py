@@ -1,0 +1,640 @@
+"""Img2GPT training: a pretrained ViT -> linear projection -> GPT-2 prefix captioner on Flickr30k.
+
+Edit the constants below or override any of them from the command line
+(`python training_script.py --help` lists every flag with its default):
+
+    python training_script.py --epochs 3 --batch-size 16
+
+On CUDA both models are loaded in 4-bit NF4 and fine-tuned with LoRA (QLoRA); on the CPU they stay in
+full precision with the same LoRA. After each epoch OUTPUT_DIR/img2gpt_epoch_N.pth holds the trained
+weights and the config that `inference_script.py` rebuilds the model from.
+"""
+
+import argparse
+import inspect
+import json
+import logging
+import os
+import random
+import re
+import sys
+import warnings
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# --- Hardware -------------------------------------------------------------------------------------
+DEVICE_CHOICE = "cuda" if torch.cuda.is_available() else "cpu"  # "cuda" (4-bit QLoRA), "cuda:N" or "cpu"
+NUM_WORKERS = 2  # DataLoader worker processes decoding images (0: decode in the main process)
+
+# --- Data -----------------------------------------------------------------------------------------
+KAGGLE_DATASET = "hsankesara/flickr-image-dataset"  # Kaggle handle downloaded with kagglehub
+DATA_DIR = None  # folder holding results.csv and the images; None: download KAGGLE_DATASET
+OUTPUT_DIR = "."  # where img2gpt_epoch_N.pth and training_log.jsonl are written
+VAL_IMAGES = 1014  # validation images (Karpathy's Flickr30k size); at most 10% of the images on small data
+TEST_IMAGES = 1000  # test images held out of training; at most 10% of the images on small data
+SEED = 42  # seeds the split, the shuffling and the initial weights
+
+# --- Model ----------------------------------------------------------------------------------------
+VIT_MODEL_NAME = "google/vit-base-patch16-224-in21k"  # vision encoder: hub name or local folder
+GPT2_MODEL_NAME = "gpt2"  # language model: hub name or local folder
+MAX_CAPTION_TOKENS = 40  # caption tokens trained on, EOS included; longer captions are cut
+LORA_R = 8  # LoRA rank, on the ViT attention (query, value) and GPT-2 c_attn
+LORA_ALPHA = 16  # LoRA scaling numerator (scale = alpha / r)
+LORA_DROPOUT = 0.05  # dropout on the LoRA input
+
+# --- Training -------------------------------------------------------------------------------------
+BATCH_SIZE = 16  # captions per batch; 16 fits a 16 GB T4 in 4-bit
+NUM_EPOCHS = 3  # passes over every training caption
+LEARNING_RATE = 2e-4  # AdamW peak learning rate, for LoRA and projection
+WARMUP_STEPS = 100  # batches of linear warm-up, then linear decay to 0
+EVAL_INTERVAL = 500  # batches between sample-caption rounds
+NUM_SAMPLE_IMAGES = 4  # validation images captioned at each round (the same ones every time)
+MAX_NEW_TOKENS = 30  # longest sample caption, in tokens
+
+CONSTANTS = {name: value for name, value in dict(globals()).items() if name.isupper()}
+# Flags are --kebab-case of the constant; these also answer to the short names users know.
+FLAG_ALIASES = {
+    "DEVICE_CHOICE": "--device",
+    "VIT_MODEL_NAME": "--vit-model",
+    "GPT2_MODEL_NAME": "--gpt2-model",
+    "NUM_EPOCHS": "--epochs",
+}
+
+# Leaf names of the attention projections LoRA adapts, across naming schemes: ViT since transformers 5.9
+# (q_proj, v_proj), older ViT (query, value), GPT-2 (c_attn: q, k and v in one Conv1D), Llama-style LMs.
+LORA_TARGET_NAMES = ("q_proj", "v_proj", "query", "value", "c_attn")
+CHECKPOINT_FORMAT = "img2gpt-v1"
+# transformers and peft import bitsandbytes, whose CPU backend warns at import that it cannot fetch an optional
+# kernel from the hub; nothing here uses that kernel.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# peft still reads this deprecated transformers property when it wraps a model: noise on every run.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+class Img2GPTError(Exception):
+    """A problem the user can fix (bad path, bad flag, bad data): shown as one line, no traceback."""
+
+
+# --- Configuration --------------------------------------------------------------------------------
+def parse_config(constants, argv=None, aliases=None, description=None, repeatable=(), script=__file__):
+    """Turn the constants block into flags (BATCH_SIZE -> --batch-size); returns a namespace of lowercase names.
+
+    The comment beside each constant is its --help text, so defaults and help are written once.
+    """
+    helps = dict(re.findall(r"^([A-Z][A-Z0-9_]*) = .*?#\s*(.+)$", Path(script).read_text(), re.M))
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, default in constants.items():
+        flags = ["--" + name.lower().replace("_", "-")]
+        if aliases and name in aliases:
+            flags.insert(0, aliases[name])
+        help_text = f"{helps.get(name, '')} (default: {default!r})".replace("%", "%%")  # argparse formats help
+        if name in repeatable:
+            parser.add_argument(*flags, dest=name.lower(), action="append", help=help_text + "; repeatable")
+        elif isinstance(default, bool):
+            parser.add_argument(*flags, dest=name.lower(), action=argparse.BooleanOptionalAction, default=default,
+                                help=help_text)
+        else:
+            kind = type(default) if isinstance(default, (int, float)) else str
+            parser.add_argument(*flags, dest=name.lower(), type=kind, default=default, help=help_text)
+    cfg = parser.parse_args(argv)
+    for name in repeatable:
+        if getattr(cfg, name.lower()) is None:
+            setattr(cfg, name.lower(), [constants[name]])
+    return cfg
+
+
+def resolve_device(choice):
+    if choice.startswith("cuda") and not torch.cuda.is_available():
+        raise Img2GPTError(f"device '{choice}' asked for but CUDA is not available here: use --device cpu")
+    try:
+        return torch.device(choice)
+    except RuntimeError:
+        raise Img2GPTError(f"unknown device '{choice}': use cuda, cuda:N or cpu") from None
+
+
+def choose_precision(device):
+    """(quantize_4bit, compute_dtype). 4-bit needs CUDA. bf16 only from Ampere (compute capability 8) on:
+    a T4 reports torch.cuda.is_bf16_supported() True through slow emulation, so ask for the hardware."""
+    if device.type != "cuda":
+        return False, torch.float32
+    major, _ = torch.cuda.get_device_capability(device)
+    return True, torch.bfloat16 if major >= 8 else torch.float16
+
+
+def quantization_config(compute_dtype):
+    """NF4 with double quantization. One object per model: a skip-module list would replace the default
+    protected list (GPT-2's tied lm_head), so none is given."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
+def library_versions():
+    import peft
+    import transformers
+
+    return {"torch": str(torch.__version__), "transformers": str(transformers.__version__), "peft": str(peft.__version__)}
+
+
+# --- Data -----------------------------------------------------------------------------------------
+def download_dataset(handle):
+    """kagglehub caches the download (~/.cache/kagglehub or $KAGGLEHUB_CACHE); public data needs no login."""
+    import kagglehub
+
+    print(f"Downloading '{handle}' with kagglehub (cached after the first time)...")
+    try:
+        return kagglehub.dataset_download(handle)
+    except Exception as exc:
+        raise Img2GPTError(f"could not download Kaggle dataset '{handle}' ({exc}): "
+                           "check the connection or pass --data-dir") from None
+
+
+def find_dataset_files(data_dir):
+    """(results.csv, image folder), tolerating one folder level more or less than the Kaggle layout
+    data_dir/flickr30k_images/{results.csv, flickr30k_images/*.jpg}."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise Img2GPTError(f"data folder '{data_dir}' does not exist: pass --data-dir with the Flickr30k folder")
+    csvs = sorted((p for depth in range(4) for p in root.glob("/".join(["*"] * depth + ["results.csv"]))),
+                  key=lambda p: len(p.parts))
+    if not csvs:
+        raise Img2GPTError(f"no results.csv found in '{data_dir}' or the 3 folder levels below it")
+    csv_path = csvs[0]
+    candidates = [csv_path.parent / "flickr30k_images" / "flickr30k_images", csv_path.parent / "flickr30k_images",
+                  csv_path.parent, *sorted(p.parent for p in root.glob("**/*.jpg"))[:1]]
+    image_dir = next((d for d in candidates if d.is_dir() and any(d.glob("*.jpg"))), None)
+    if image_dir is None:
+        raise Img2GPTError(f"no .jpg images found next to or below '{csv_path}'")
+    return csv_path, image_dir
+
+
+def clean_caption(text):
+    # Flickr30k captions are pre-tokenized ("the grass ."): glue punctuation back for natural targets.
+    text = re.sub(r"\s+", " ", str(text)).strip()
+    return re.sub(r" ([.,!?;:]|'s\b|n't\b)", r"\1", text)
+
+
+def load_captions(csv_path):
+    """DataFrame(image_name, caption) from the '|'-separated Flickr30k results.csv."""
+    import csv
+
+    import pandas as pd
+
+    frame = pd.read_csv(csv_path, sep="|", quoting=csv.QUOTE_NONE, dtype=str, skipinitialspace=True,
+                        keep_default_na=False)
+    frame.columns = [c.strip() for c in frame.columns]
+    if not {"image_name", "comment_number", "comment"} <= set(frame.columns):
+        raise Img2GPTError(f"'{csv_path}' lacks the columns image_name| comment_number| comment")
+    # One real row lacks its second '|' ("2199200615.jpg| 4   A dog runs ..."): its caption sits in
+    # comment_number after the number.
+    broken = frame["comment"].str.strip() == ""
+    split = frame.loc[broken, "comment_number"].str.strip().str.split(n=1, expand=True)
+    if broken.any() and split.shape[1] == 2:
+        frame.loc[broken, "comment"] = split[1].fillna("")
+    frame = pd.DataFrame({"image_name": frame["image_name"].str.strip(),
+                          "caption": frame["comment"].map(clean_caption)})
+    return frame[(frame["image_name"] != "") & (frame["caption"] != "")].reset_index(drop=True)
+
+
+def is_usable_image(path):
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.verify()
+        return True
+    except (OSError, SyntaxError, ValueError):
+        return False
+
+
+def drop_unusable_images(captions, image_dir):
+    """Leave out rows whose image is missing or unreadable, checked up front so no epoch dies halfway."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    names = sorted(captions["image_name"].unique())
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        usable = list(tqdm(pool.map(lambda n: is_usable_image(Path(image_dir) / n), names), total=len(names),
+                           desc="checking images", leave=False))
+    bad = {name for name, ok in zip(names, usable) if not ok}
+    if bad:
+        print(f"Left out {len(bad)} of {len(names)} images: missing or unreadable (e.g. {sorted(bad)[0]})")
+    kept = captions[~captions["image_name"].isin(bad)].reset_index(drop=True)
+    if kept.empty:
+        raise Img2GPTError(f"none of the {len(names)} images listed in results.csv could be read in '{image_dir}'")
+    return kept
+
+
+def split_by_image(image_names, val_images, test_images, seed):
+    """Deterministic train/val/test split of image names (never of captions, so no image leaks).
+    Small sets get at most 10% per held-out split but at least one image each once there are three."""
+    names = sorted(set(image_names))
+    random.Random(seed).shuffle(names)
+    n = len(names)
+    n_val = min(val_images, max(1, n // 10)) if n >= 3 else 0
+    n_test = min(test_images, max(1, n // 10)) if n >= 3 else 0
+    return {"train": names[n_val + n_test:], "val": names[:n_val], "test": names[n_val:n_val + n_test]}
+
+
+def load_image(source):
+    """An RGB PIL image from a path or file object: EXIF rotation applied, alpha composited on white."""
+    from PIL import Image, ImageOps
+
+    image = ImageOps.exif_transpose(Image.open(source))
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        image = image.convert("I").point(lambda v: v / 256).convert("L")  # 16-bit/float grayscale -> 8 bit
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, "white")
+        image = Image.alpha_composite(background, image)
+    return image.convert("RGB")
+
+
+def preprocess(processor, images):
+    """(N, 3, H, W) pixel values by the encoder's own image processor (size and normalisation)."""
+    return processor(images=images, return_tensors="pt")["pixel_values"]
+
+
+class CaptionDataset(torch.utils.data.Dataset):
+    """(pixel_values, caption) per caption row; an image that fails to decode yields None, dropped in collate."""
+
+    def __init__(self, rows, image_dir, processor):
+        self.rows = list(rows)
+        self.image_dir = Path(image_dir)
+        self.processor = processor
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        name, caption = self.rows[index]
+        try:
+            pixels = preprocess(self.processor, [load_image(self.image_dir / name)])[0]
+        except (OSError, ValueError, SyntaxError):
+            return None
+        return pixels, caption
+
+
+def tokenize_captions(tokenizer, captions, max_tokens):
+    """input_ids, attention_mask, labels. EOS is appended and kept as a target so captions learn to end.
+    Padding uses EOS too, so labels come from the attention mask: -100 only on padding."""
+    ids = [tokenizer(c, add_special_tokens=False, truncation=True, max_length=max_tokens - 1)["input_ids"]
+           + [tokenizer.eos_token_id] for c in captions]
+    batch = tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
+    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    return dict(batch)
+
+
+def collate_batch(items, tokenizer, max_tokens):
+    items = [item for item in items if item is not None]
+    if not items:
+        return None
+    pixels, captions = zip(*items)
+    return {"pixel_values": torch.stack(pixels), **tokenize_captions(tokenizer, list(captions), max_tokens)}
+
+
+def make_loaders(captions, splits, image_dir, processor, tokenizer, cfg):
+    """DataLoaders over every caption row of the train and val images."""
+    loaders = {}
+    for split in ("train", "val"):
+        rows = captions[captions["image_name"].isin(set(splits[split]))]
+        dataset = CaptionDataset(zip(rows["image_name"], rows["caption"]), image_dir, processor)
+        loaders[split] = torch.utils.data.DataLoader(
+            dataset, batch_size=cfg.batch_size, shuffle=split == "train", num_workers=cfg.num_workers,
+            collate_fn=partial(collate_batch, tokenizer=tokenizer, max_tokens=cfg.max_caption_tokens),
+            generator=torch.Generator().manual_seed(cfg.seed), pin_memory=torch.cuda.is_available())
+    return loaders
+
+
+# --- Model ----------------------------------------------------------------------------------------
+class Img2GPT(nn.Module):
+    """ViT patch tokens -> Linear -> GPT-2 input embeddings, prepended to the caption as a prefix."""
+
+    def __init__(self, vision, lm, projection):
+        super().__init__()
+        self.vision, self.lm, self.projection = vision, lm, projection
+
+    def prefix(self, pixel_values):
+        hidden = self.vision(pixel_values=pixel_values).last_hidden_state  # (B, 1 + patches, vit_hidden)
+        prefix = self.projection(hidden.to(self.projection.weight.dtype))  # (B, P, lm_hidden)
+        return prefix.to(self.lm.get_input_embeddings().weight.dtype)
+
+    def forward(self, pixel_values, input_ids, attention_mask, labels=None):
+        prefix = self.prefix(pixel_values)
+        batch, length = prefix.shape[:2]
+        embeds = torch.cat([prefix, self.lm.get_input_embeddings()(input_ids)], dim=1)
+        mask = torch.cat([attention_mask.new_ones(batch, length), attention_mask], dim=1)
+        if labels is not None:  # GPT2LMHeadModel shifts labels itself; prefix positions are never targets
+            labels = torch.cat([labels.new_full((batch, length), -100), labels], dim=1)
+        return self.lm(inputs_embeds=embeds, attention_mask=mask, labels=labels)
+
+
+def find_lora_targets(model, names=LORA_TARGET_NAMES):
+    """Leaf names of the attention projections present in the loaded model (Linear, Conv1D or 4-bit)."""
+    from transformers.pytorch_utils import Conv1D
+
+    found = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+             if name.rsplit(".", 1)[-1] in names and isinstance(module, (nn.Linear, Conv1D))}
+    if not found:
+        raise Img2GPTError(f"{type(model).__name__} has no attention projection named one of {names}: "
+                           "LoRA cannot be applied to it")
+    return sorted(found)
+
+
+def load_base_models(vit_name, lm_name, device, quantize, compute_dtype):
+    """(vision, lm, tokenizer, processor) from the hub or local folders; 4-bit on CUDA."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(lm_name)
+        processor = AutoImageProcessor.from_pretrained(vit_name)
+        vision_config = AutoConfig.from_pretrained(vit_name)
+    except (OSError, ValueError) as exc:
+        raise Img2GPTError(f"could not load base model files ({exc})") from None
+    if tokenizer.pad_token is None:  # GPT-2 has none; labels come from the attention mask, so EOS is safe
+        tokenizer.pad_token = tokenizer.eos_token
+    vision_kwargs, lm_kwargs = {}, {}
+    # ViT's pooler is never used: without it nothing unused gets quantized or trained.
+    if "add_pooling_layer" in inspect.signature(AutoModel._model_mapping[type(vision_config)]).parameters:
+        vision_kwargs["add_pooling_layer"] = False
+    for kwargs in (vision_kwargs, lm_kwargs):
+        if quantize:
+            kwargs.update(quantization_config=quantization_config(compute_dtype),
+                          device_map={"": device.index or 0})
+        else:
+            kwargs["dtype"] = torch.float32
+    vision = AutoModel.from_pretrained(vit_name, **vision_kwargs)
+    lm = AutoModelForCausalLM.from_pretrained(lm_name, **lm_kwargs)
+    for model in (vision, lm):
+        if quantize:
+            from peft import prepare_model_for_kbit_training
+
+            # use_reentrant=False: the reentrant fallback leaves ViT LoRA grads None (inputs need no grad).
+            prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.requires_grad_(False).to(device)
+    return vision, lm, tokenizer, processor
+
+
+def apply_lora(model, targets, r, alpha, dropout):
+    """A fresh LoraConfig per model (peft edits the one it is given). Conv1D (GPT-2 in full precision) stores
+    its weight transposed: fan_in_fan_out; in 4-bit it is already a Linear4bit. Adapters load either way."""
+    from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
+
+    conv1d = any(isinstance(m, Conv1D) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in targets)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
+                        fan_in_fan_out=conv1d, bias="none")
+    return get_peft_model(model, config)
+
+
+def model_config_from(cfg):
+    """The part of the run config that rebuilds the model; stored in every checkpoint."""
+    return {"vit_model": cfg.vit_model_name, "gpt2_model": cfg.gpt2_model_name, "lora_r": cfg.lora_r,
+            "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
+            "max_caption_tokens": cfg.max_caption_tokens}
+
+
+def build_model(model_config, device, announce=lambda step: None):
+    """(Img2GPT, tokenizer, processor, model_config with the found LoRA targets and projection sizes).
+    `announce(step)` is called before each stage (inference prints its Step lines through it)."""
+    quantize, compute_dtype = choose_precision(device)
+    announce(1)
+    vision, lm, tokenizer, processor = load_base_models(
+        model_config["vit_model"], model_config["gpt2_model"], device, quantize, compute_dtype)
+    announce(2)
+    config = dict(model_config)
+    config.setdefault("vision_lora_targets", find_lora_targets(vision))
+    config.setdefault("lm_lora_targets", find_lora_targets(lm))
+    lora = (config["lora_r"], config["lora_alpha"], config["lora_dropout"])
+    vision = apply_lora(vision, config["vision_lora_targets"], *lora)
+    lm = apply_lora(lm, config["lm_lora_targets"], *lora)
+    announce(3)
+    # Sizes come from the loaded models, so another encoder or LM of other width fits without edits.
+    sizes = {"projection_in": vision.config.hidden_size, "projection_out": lm.get_input_embeddings().embedding_dim}
+    for key, size in sizes.items():
+        if config.setdefault(key, size) != size:
+            raise Img2GPTError(f"checkpoint {key} is {config[key]} but the base models give {size}: "
+                               "use the base models it was trained with (--vit-model / --gpt2-model)")
+    projection = nn.Linear(*sizes.values()).to(device)  # full precision: GradScaler needs fp32 trainable weights
+    return Img2GPT(vision, lm, projection), tokenizer, processor, config
+
+
+@torch.inference_mode()
+def generate_captions(model, tokenizer, pixel_values, max_new_tokens, num_beams=1):
+    """Captions for a batch of images: prefix in, new tokens out (KV cache, stops at EOS)."""
+    was_training = model.training
+    model.eval()
+    prefix = model.prefix(pixel_values)
+    mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
+    tokens = model.lm.generate(inputs_embeds=prefix, attention_mask=mask, max_new_tokens=max_new_tokens,
+                               num_beams=num_beams, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                               pad_token_id=tokenizer.pad_token_id)
+    model.train(was_training)
+    return [text.strip() for text in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+
+
+# --- Checkpoints ----------------------------------------------------------------------------------
+def trained_weights(model):
+    """Only what training changed: both LoRAs and the projection (no frozen or 4-bit base weights)."""
+    from peft import get_peft_model_state_dict
+
+    def plain(state):
+        return {key: value.detach().to("cpu", torch.float32).clone() for key, value in state.items()}
+
+    return {"vision_lora": plain(get_peft_model_state_dict(model.vision)),
+            "lm_lora": plain(get_peft_model_state_dict(model.lm)),
+            "projection": plain(model.projection.state_dict())}
+
+
+def save_checkpoint(path, model, model_config, extra):
+    """Plain types and tensors only, so torch.load(path, weights_only=True) opens it. Written to a temporary
+    file and renamed, so an interrupted save never leaves a half-written checkpoint under the real name."""
+    state = {"format": CHECKPOINT_FORMAT, "config": model_config, "versions": library_versions(),
+             "weights": trained_weights(model), **extra}
+    path = Path(path)
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(state, temporary)
+    os.replace(temporary, path)
+
+
+def load_checkpoint(path):
+    """The checkpoint dict, opened with weights_only=True (a pickle payload cannot run)."""
+    path = Path(path)
+    if not path.is_file():
+        raise Img2GPTError(f"checkpoint '{path}' not found: pass --weights with an img2gpt_epoch_N.pth file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise Img2GPTError(f"'{path}' is not a readable Img2GPT checkpoint ({type(exc).__name__})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise Img2GPTError(f"'{path}' is not an Img2GPT checkpoint (no '{CHECKPOINT_FORMAT}' format tag)")
+    return state
+
+
+def load_trained_weights(model, weights):
+    """Restore both LoRAs and the projection, refusing a checkpoint that misses or mis-sizes any key."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    expected = {"vision_lora": get_peft_model_state_dict(model.vision),
+                "lm_lora": get_peft_model_state_dict(model.lm), "projection": model.projection.state_dict()}
+    for part, tensors in expected.items():
+        given = weights.get(part, {})
+        missing = [key for key in tensors if key not in given]
+        clash = [key for key in tensors if key in given and given[key].shape != tensors[key].shape]
+        if missing or clash:
+            raise Img2GPTError(f"checkpoint '{part}' does not fit the model: missing {missing[:3]}, "
+                               f"wrong shape {clash[:3]}")
+    set_peft_model_state_dict(model.vision, weights["vision_lora"])
+    set_peft_model_state_dict(model.lm, weights["lm_lora"])
+    model.projection.load_state_dict(weights["projection"])
+
+
+# --- Training -------------------------------------------------------------------------------------
+class JsonlLog:
+    """training_log.jsonl: one JSON record per line, flushed at once so a disconnect loses nothing."""
+
+    def __init__(self, path):
+        self.file = open(path, "a", encoding="utf-8")
+
+    def write(self, **record):
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self):
+        self.file.close()
+
+
+def autocast(device, compute_dtype):
+    return torch.autocast(device.type, dtype=compute_dtype, enabled=device.type == "cuda")
+
+
+def sample_captions(model, tokenizer, samples, cfg, device, log, epoch, step):
+    """Print and log captions of the fixed sample images beside one reference caption each."""
+    captions = generate_captions(model, tokenizer, samples["pixel_values"].to(device), cfg.max_new_tokens)
+    from tqdm.auto import tqdm
+
+    lines = [f"  {name}: {caption!r}  (reference: {ref!r})"
+             for name, caption, ref in zip(samples["names"], captions, samples["references"])]
+    tqdm.write(f"Sample captions after epoch {epoch} step {step}:\n" + "\n".join(lines))
+    log.write(type="samples", epoch=epoch, step=step,
+              samples=[{"image": n, "generated": c, "reference": r}
+                       for n, c, r in zip(samples["names"], captions, samples["references"])])
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, scaler, device, compute_dtype, epoch, cfg, log,
+                    tokenizer, samples):
+    """One pass over the training captions; returns the mean batch loss."""
+    from tqdm.auto import tqdm
+
+    model.train()
+    total, count = 0.0, 0
+    bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.num_epochs}", dynamic_ncols=True)
+    for step, batch in enumerate(bar, 1):
+        if batch is None:  # every image of the batch failed to decode
+            continue
+        batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+        with autocast(device, compute_dtype):
+            loss = model(**batch).loss
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        total, count = total + loss.item(), count + 1
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        log.write(type="batch", epoch=epoch, step=step, loss=loss.item(), lr=scheduler.get_last_lr()[0])
+        if cfg.eval_interval > 0 and step % cfg.eval_interval == 0 and samples:
+            sample_captions(model, tokenizer, samples, cfg, device, log, epoch, step)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, compute_dtype):
+    """Mean validation loss (None without validation data)."""
+    model.eval()
+    losses = []
+    for batch in loader:
+        if batch is None:
+            continue
+        batch = {key: value.to(device) for key, value in batch.items()}
+        with autocast(device, compute_dtype):
+            losses.append(model(**batch).loss.item())
+    model.train()
+    return sum(losses) / len(losses) if losses else None
+
+
+def sample_set(captions, names, image_dir, processor):
+    """The fixed validation images captioned at every sample round, with their first reference caption."""
+    if not names:
+        return None
+    first = captions.drop_duplicates("image_name").set_index("image_name")["caption"]
+    pixels = preprocess(processor, [load_image(Path(image_dir) / n) for n in names])
+    return {"names": names, "references": [first[n] for n in names], "pixel_values": pixels}
+
+
+def main(argv=None):
+    cfg = parse_config(CONSTANTS, argv, FLAG_ALIASES, __doc__)
+    from transformers import get_linear_schedule_with_warmup, set_seed
+
+    set_seed(cfg.seed)
+    device = resolve_device(cfg.device_choice)
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    csv_path, image_dir = find_dataset_files(cfg.data_dir or download_dataset(cfg.kaggle_dataset))
+    captions = drop_unusable_images(load_captions(csv_path), image_dir)
+    splits = split_by_image(captions["image_name"], cfg.val_images, cfg.test_images, cfg.seed)
+    if not splits["train"]:
+        raise Img2GPTError(f"too few images to train on ({len(set(captions['image_name']))})")
+
+    model, tokenizer, processor, model_config = build_model(model_config_from(cfg), device)
+    quantize, compute_dtype = choose_precision(device)
+    loaders = make_loaders(captions, splits, image_dir, processor, tokenizer, cfg)
+    samples = sample_set(captions, splits["val"][:cfg.num_sample_images], image_dir, processor)
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate)
+    total_steps = cfg.num_epochs * len(loaders["train"])
+    scheduler = get_linear_schedule_with_warmup(optimizer, min(cfg.warmup_steps, total_steps // 2), total_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype == torch.float16)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"Using device: {device} ({'4-bit QLoRA, ' + str(compute_dtype) if quantize else 'full precision LoRA'})\n"
+          f"Images train/val/test: {len(splits['train'])}/{len(splits['val'])}/{len(splits['test'])}, "
+          f"training captions: {len(loaders['train'].dataset)}\n"
+          f"Batch size {cfg.batch_size}, {len(loaders['train'])} batches per epoch, {total_steps} in all\n"
+          f"Trainable parameters: {sum(p.numel() for p in trainable):,} of {n_params:,}")
+
+    log = JsonlLog(output_dir / "training_log.jsonl")
+    try:
+        for epoch in range(1, cfg.num_epochs + 1):
+            train_loss = train_one_epoch(model, loaders["train"], optimizer, scheduler, scaler, device,
+                                         compute_dtype, epoch, cfg, log, tokenizer, samples)
+            val_loss = evaluate(model, loaders["val"], device, compute_dtype)
+            val_text = f"{val_loss:.4f}" if val_loss is not None else "n/a (no validation images)"
+            print(f"Epoch {epoch}: average train loss {train_loss:.4f}, validation loss {val_text}")
+            log.write(type="epoch", epoch=epoch, train_loss=train_loss, val_loss=val_loss)
+            path = output_dir / f"img2gpt_epoch_{epoch}.pth"
+            save_checkpoint(path, model, model_config, {"epoch": epoch, "train_loss": train_loss,
+                                                       "val_loss": val_loss, "trained_in_4bit": quantize})
+            print(f"Saved {path}")
+    finally:
+        log.close()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except Img2GPTError as error:
+        sys.exit(f"error: {error}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted: the last img2gpt_epoch_N.pth in OUTPUT_DIR holds the last finished epoch")
