@@ -155,5 +155,6 @@ def run_script(script, *args, cwd=None, timeout=600):
 
 def train_args(data_dir, models, output_dir, *extra):
     vit, gpt2 = models
-    return ["--data-dir", data_dir, "--vit-model", vit, "--gpt2-model", gpt2, "--output-dir", output_dir,
+    args = ["--data-dir", data_dir, "--vit-model", vit, "--gpt2-model", gpt2, "--output-dir", output_dir,
             "--device", "cpu", "--num-workers", "0", "--warmup-steps", "0", *extra]
+    return [str(a) for a in args]
