@@ -517,9 +517,9 @@ def autocast(device, compute_dtype):
 
 def sample_captions(model, tokenizer, samples, cfg, device, log, epoch, step):
     """Print and log captions of the fixed sample images beside one reference caption each."""
-    captions = generate_captions(model, tokenizer, samples["pixel_values"].to(device), cfg.max_new_tokens)
     from tqdm.auto import tqdm
 
+    captions = generate_captions(model, tokenizer, samples["pixel_values"].to(device), cfg.max_new_tokens)
     lines = [f"  {name}: {caption!r}  (reference: {ref!r})"
              for name, caption, ref in zip(samples["names"], captions, samples["references"])]
     tqdm.write(f"Sample captions after epoch {epoch} step {step}:\n" + "\n".join(lines))

@@ -19,7 +19,8 @@ def trained(flickr_dir, tiny_models, tmp_path_factory):
     """One epoch of training_script.py on the Kaggle-shaped fixture, as a subprocess."""
     out = tmp_path_factory.mktemp("run")
     result = run_script("training_script.py", *train_args(flickr_dir, tiny_models, out, "--epochs", "1",
-                                                          "--batch-size", "8", "--eval-interval", "5"))
+                                                          "--batch-size", "8", "--eval-interval", "5",
+                                                          "--num-workers", "2"))  # as users run it
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result
 
