@@ -11,16 +11,19 @@ full precision on the CPU; a checkpoint trained in 4-bit on a GPU captions on a 
 import io
 import re
 import sys
+from pathlib import Path
 
 import torch
+from PIL import Image
 
-from training_script import (Img2GPTError, build_model, generate_captions, load_checkpoint, load_image,
-                             load_trained_weights, parse_config, preprocess, resolve_device)
+from training_script import (IMAGE_ERRORS, Img2GPTError, build_model, generate_captions, load_checkpoint,
+                             load_image, load_trained_weights, parse_config, preprocess, resolve_device)
 
 # --- What to caption ------------------------------------------------------------------------------
 MODEL_WEIGHTS_PATH = "img2gpt_epoch_3.pth"  # checkpoint written by training_script.py
 IMAGE_URL = "http://images.cocodataset.org/val2017/000000039769.jpg"  # http(s) URL or local image path
-REQUEST_TIMEOUT = 30  # seconds to wait for an image server before giving up
+REQUEST_TIMEOUT = 30  # seconds a download may take in all before it is given up
+MAX_IMAGE_BYTES = 20_000_000  # largest image download accepted, in bytes
 
 # --- Hardware and base models ---------------------------------------------------------------------
 DEVICE_CHOICE = "cuda" if torch.cuda.is_available() else "cpu"  # "cuda" (4-bit), "cuda:N" or "cpu"
@@ -31,29 +34,64 @@ GPT2_MODEL_NAME = None  # language model to load instead of the checkpoint's; No
 MAX_NEW_TOKENS = 30  # longest caption, in tokens (generation also stops at EOS)
 NUM_BEAMS = 1  # 1: greedy; more: beam search
 
-CONSTANTS = {name: value for name, value in dict(globals()).items() if name.isupper()}
+# Every UPPERCASE name bound to a plain value above is a setting with a flag (imported names are not).
+CONSTANTS = {name: value for name, value in dict(globals()).items()
+             if name.isupper() and isinstance(value, (bool, int, float, str, type(None)))}
 FLAG_ALIASES = {"MODEL_WEIGHTS_PATH": "--weights", "IMAGE_URL": "--image", "DEVICE_CHOICE": "--device",
                 "VIT_MODEL_NAME": "--vit-model", "GPT2_MODEL_NAME": "--gpt2-model"}
 RULE = "=" * 50
 
 
-def fetch_image(source, timeout):
-    """An RGB image from an http(s) URL (downloaded with a timeout) or a local path."""
-    import requests
-    from PIL import UnidentifiedImageError
+def download(url, timeout, max_bytes):
+    """The body of an http(s) URL, streamed so that neither a slow nor a huge answer can hang or fill memory."""
+    import time
 
+    import requests
+
+    deadline = time.monotonic() + timeout
     try:
-        if re.match(r"^https?://", source, re.I):
-            response = requests.get(source, timeout=timeout, headers={"User-Agent": "Img2GPT"})
-            response.raise_for_status()
-            return load_image(io.BytesIO(response.content))
-        return load_image(source)
+        with requests.get(url, timeout=timeout, stream=True, headers={"User-Agent": "Img2GPT"}) as response:
+            if response.status_code >= 400:
+                raise Img2GPTError(f"'{url}' answered HTTP {response.status_code} {response.reason}: check the URL")
+            if int(response.headers.get("Content-Length") or 0) > max_bytes:
+                raise Img2GPTError(f"'{url}' is larger than {max_bytes:,} bytes (--max-image-bytes)")
+            body = bytearray()
+            for chunk in response.iter_content(chunk_size=1 << 16):
+                body += chunk
+                if len(body) > max_bytes:
+                    raise Img2GPTError(f"'{url}' is larger than {max_bytes:,} bytes (--max-image-bytes)")
+                if time.monotonic() > deadline:
+                    raise requests.Timeout()
+            return bytes(body), response.headers.get("Content-Type", "")
+    except requests.Timeout:
+        raise Img2GPTError(f"'{url}' did not answer within {timeout} s (--request-timeout)") from None
+    except requests.ConnectionError:
+        raise Img2GPTError(f"could not connect to '{url}': check the address and your connection") from None
     except requests.RequestException as exc:
-        raise Img2GPTError(f"could not download '{source}': {exc}") from None
-    except FileNotFoundError:
-        raise Img2GPTError(f"image '{source}' not found: give an http(s) URL or an existing file") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise Img2GPTError(f"'{source}' is not a readable image ({exc})") from None
+        raise Img2GPTError(f"could not download '{url}' ({type(exc).__name__})") from None
+
+
+def fetch_image(source, timeout, max_bytes):
+    """An RGB image from an http(s) URL or a local path; anything else is an Img2GPTError naming the problem."""
+    scheme = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://", source)
+    if scheme and scheme.group(1).lower() not in ("http", "https"):
+        raise Img2GPTError(f"'{source}': only http:// and https:// URLs or local file paths are supported")
+    if scheme:
+        body, content_type = download(source, timeout, max_bytes)
+        what, opened = f"'{source}' (Content-Type: {content_type or 'none'})", io.BytesIO(body)
+    else:
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise Img2GPTError(f"image '{source}' not found: give an existing file or an http(s) URL")
+        if path.is_dir():
+            raise Img2GPTError(f"'{source}' is a folder: give an image file in it")
+        what, opened = f"'{source}'", path
+    try:
+        return load_image(opened)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise Img2GPTError(f"{what} has more pixels than Pillow decodes safely: resize it first") from None
+    except IMAGE_ERRORS as exc:
+        raise Img2GPTError(f"{what} is not a readable image ({exc})") from None
 
 
 def load_model(weights_path, device, vit_model=None, gpt2_model=None):
@@ -76,7 +114,7 @@ def load_model(weights_path, device, vit_model=None, gpt2_model=None):
 def caption_image(model, tokenizer, processor, source, device, cfg):
     kind = "URL" if re.match(r"^https?://", source, re.I) else "path"
     print(f"\nPreprocessing image from {kind}: {source}")
-    pixels = preprocess(processor, [fetch_image(source, cfg.request_timeout)]).to(device)
+    pixels = preprocess(processor, [fetch_image(source, cfg.request_timeout, cfg.max_image_bytes)]).to(device)
     print("Generating caption...")
     return generate_captions(model, tokenizer, pixels, cfg.max_new_tokens, cfg.num_beams)[0]
 

@@ -18,11 +18,13 @@ import os
 import random
 import re
 import sys
+import types
 import warnings
 from functools import partial
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch import nn
 
 # --- Hardware -------------------------------------------------------------------------------------
@@ -50,23 +52,33 @@ BATCH_SIZE = 16  # captions per batch; 16 fits a 16 GB T4 in 4-bit
 NUM_EPOCHS = 3  # passes over every training caption
 LEARNING_RATE = 2e-4  # AdamW peak learning rate, for LoRA and projection
 WARMUP_STEPS = 100  # batches of linear warm-up, then linear decay to 0
-EVAL_INTERVAL = 500  # batches between sample-caption rounds
+EVAL_INTERVAL = 500  # batches between sample-caption rounds (0: none)
 NUM_SAMPLE_IMAGES = 4  # validation images captioned at each round (the same ones every time)
 MAX_NEW_TOKENS = 30  # longest sample caption, in tokens
 
-CONSTANTS = {name: value for name, value in dict(globals()).items() if name.isupper()}
+# --- Interruptions --------------------------------------------------------------------------------
+SAVE_INTERVAL = 200  # batches between saves of OUTPUT_DIR/img2gpt_last.pth (a disconnect loses at most these)
+RESUME_FROM = None  # img2gpt_last.pth to continue an interrupted run from; None: start afresh
+MAX_BAD_BATCHES = 10  # non-finite losses in a row that stop training (each one is skipped, not applied)
+
+# Every UPPERCASE name bound to a plain value above is a setting with a flag (imported names are not).
+CONSTANTS = {name: value for name, value in dict(globals()).items()
+             if name.isupper() and isinstance(value, (bool, int, float, str, type(None)))}
 # Flags are --kebab-case of the constant; these also answer to the short names users know.
 FLAG_ALIASES = {
     "DEVICE_CHOICE": "--device",
     "VIT_MODEL_NAME": "--vit-model",
     "GPT2_MODEL_NAME": "--gpt2-model",
     "NUM_EPOCHS": "--epochs",
+    "RESUME_FROM": "--resume",
 }
 
 # Leaf names of the attention projections LoRA adapts, across naming schemes: ViT since transformers 5.9
 # (q_proj, v_proj), older ViT (query, value), GPT-2 (c_attn: q, k and v in one Conv1D), Llama-style LMs.
 LORA_TARGET_NAMES = ("q_proj", "v_proj", "query", "value", "c_attn")
 CHECKPOINT_FORMAT = "img2gpt-v1"
+MODEL_CONFIG_KEYS = ("vit_model", "gpt2_model", "lora_r", "lora_alpha", "lora_dropout", "max_caption_tokens",
+                     "vision_lora_targets", "lm_lora_targets", "projection_in", "projection_out")
 # transformers and peft import bitsandbytes, whose CPU backend warns at import that it cannot fetch an optional
 # kernel from the hub; nothing here uses that kernel.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
@@ -200,19 +212,24 @@ def load_captions(csv_path):
     return frame[(frame["image_name"] != "") & (frame["caption"] != "")].reset_index(drop=True)
 
 
-def is_usable_image(path):
-    from PIL import Image
+# What Pillow raises for a missing, empty, truncated, corrupt or oversized (decompression bomb) image.
+IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning)
 
+
+def is_usable_image(path):
     try:
-        with Image.open(path) as image:
-            image.verify()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.verify()
         return True
-    except (OSError, SyntaxError, ValueError):
+    except IMAGE_ERRORS:
         return False
 
 
 def drop_unusable_images(captions, image_dir):
-    """Leave out rows whose image is missing or unreadable, checked up front so no epoch dies halfway."""
+    """(rows whose image opens, images left out): missing, empty or unreadable images are dropped before
+    training, checked in parallel threads (the check is file I/O), so no epoch dies halfway."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm.auto import tqdm
@@ -223,11 +240,12 @@ def drop_unusable_images(captions, image_dir):
                            desc="checking images", leave=False))
     bad = {name for name, ok in zip(names, usable) if not ok}
     if bad:
-        print(f"Left out {len(bad)} of {len(names)} images: missing or unreadable (e.g. {sorted(bad)[0]})")
+        print(f"Left out {len(bad)} of {len(names)} images: missing or unreadable (e.g. {sorted(bad)[0]}; "
+              "all listed in training_log.jsonl)")
     kept = captions[~captions["image_name"].isin(bad)].reset_index(drop=True)
     if kept.empty:
         raise Img2GPTError(f"none of the {len(names)} images listed in results.csv could be read in '{image_dir}'")
-    return kept
+    return kept, sorted(bad)
 
 
 def split_by_image(image_names, val_images, test_images, seed):
@@ -242,10 +260,14 @@ def split_by_image(image_names, val_images, test_images, seed):
 
 
 def load_image(source):
-    """An RGB PIL image from a path or file object: EXIF rotation applied, alpha composited on white."""
-    from PIL import Image, ImageOps
+    """An RGB PIL image from a path or file object: EXIF rotation applied, alpha composited on white.
+    Raises one of IMAGE_ERRORS for what is not a decodable image of a sane size."""
+    from PIL import ImageOps
 
-    image = ImageOps.exif_transpose(Image.open(source))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # over Pillow's pixel limit: refuse
+        image = ImageOps.exif_transpose(Image.open(source))
+        image.load()
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         image = image.convert("I").point(lambda v: v / 256).convert("L")  # 16-bit/float grayscale -> 8 bit
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
@@ -275,7 +297,7 @@ class CaptionDataset(torch.utils.data.Dataset):
         name, caption = self.rows[index]
         try:
             pixels = preprocess(self.processor, [load_image(self.image_dir / name)])[0]
-        except (OSError, ValueError, SyntaxError):
+        except IMAGE_ERRORS:
             return None
         return pixels, caption
 
@@ -298,17 +320,40 @@ def collate_batch(items, tokenizer, max_tokens):
     return {"pixel_values": torch.stack(pixels), **tokenize_captions(tokenizer, list(captions), max_tokens)}
 
 
-def make_loaders(captions, splits, image_dir, processor, tokenizer, cfg):
-    """DataLoaders over every caption row of the train and val images."""
-    loaders = {}
+def make_datasets(captions, splits, image_dir, processor):
+    """A CaptionDataset of every caption row of the train and of the val images."""
+    datasets = {}
     for split in ("train", "val"):
         rows = captions[captions["image_name"].isin(set(splits[split]))]
-        dataset = CaptionDataset(zip(rows["image_name"], rows["caption"]), image_dir, processor)
-        loaders[split] = torch.utils.data.DataLoader(
-            dataset, batch_size=cfg.batch_size, shuffle=split == "train", num_workers=cfg.num_workers,
-            collate_fn=partial(collate_batch, tokenizer=tokenizer, max_tokens=cfg.max_caption_tokens),
-            generator=torch.Generator().manual_seed(cfg.seed), pin_memory=torch.cuda.is_available())
-    return loaders
+        datasets[split] = CaptionDataset(zip(rows["image_name"], rows["caption"]), image_dir, processor)
+    return datasets
+
+
+class EpochBatchSampler(torch.utils.data.Sampler):
+    """The batches of one epoch in an order fixed by (seed, epoch), from batch `start` on: a resumed run sees
+    exactly the batches the interrupted one had not, without decoding the ones it skips."""
+
+    def __init__(self, size, batch_size, seed, epoch, start=0):
+        self.size, self.batch_size, self.start = size, batch_size, start
+        self.order = torch.randperm(size, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+
+    def __len__(self):
+        return max(0, -(-self.size // self.batch_size) - self.start)
+
+    def __iter__(self):
+        for first in range(self.start * self.batch_size, self.size, self.batch_size):
+            yield self.order[first:first + self.batch_size]
+
+
+def make_loader(dataset, tokenizer, cfg, epoch=None, start=0):
+    """Training batches in the seeded order of `epoch` from batch `start` on; validation (epoch None) in order."""
+    if epoch is None:
+        sampler = torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(dataset), cfg.batch_size, False)
+    else:
+        sampler = EpochBatchSampler(len(dataset), cfg.batch_size, cfg.seed, epoch, start)
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(),
+        collate_fn=partial(collate_batch, tokenizer=tokenizer, max_tokens=cfg.max_caption_tokens))
 
 
 # --- Model ----------------------------------------------------------------------------------------
@@ -460,21 +505,39 @@ def save_checkpoint(path, model, model_config, extra):
              "weights": trained_weights(model), **extra}
     path = Path(path)
     temporary = path.with_name(path.name + ".tmp")
-    torch.save(state, temporary)
+    with open(temporary, "wb") as file:
+        torch.save(state, file)
+        file.flush()
+        os.fsync(file.fileno())  # on disk before the rename makes it the checkpoint
     os.replace(temporary, path)
 
 
 def load_checkpoint(path):
-    """The checkpoint dict, opened with weights_only=True (a pickle payload cannot run)."""
+    """The checkpoint dict, opened with weights_only=True so a pickle payload in a downloaded file cannot run."""
+    import pickle
+
     path = Path(path)
-    if not path.is_file():
-        raise Img2GPTError(f"checkpoint '{path}' not found: pass --weights with an img2gpt_epoch_N.pth file")
+    if not path.exists():
+        raise Img2GPTError(f"checkpoint '{path}' not found: give the path of an img2gpt_epoch_N.pth file")
+    if path.is_dir():
+        raise Img2GPTError(f"checkpoint '{path}' is a folder: give the path of an img2gpt_epoch_N.pth file in it")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise Img2GPTError(f"'{path}' is not a readable Img2GPT checkpoint ({type(exc).__name__})") from None
+    except PermissionError:
+        raise Img2GPTError(f"checkpoint '{path}' cannot be read (permission denied): check its permissions") from None
+    except pickle.UnpicklingError:
+        raise Img2GPTError(f"'{path}' holds pickled objects other than tensors and plain types, which are never "
+                           "loaded (weights_only=True): use a checkpoint written by training_script.py") from None
+    except Exception as exc:  # torch raises RuntimeError, EOFError, ValueError... for truncated or foreign files
+        raise Img2GPTError(f"'{path}' is not a readable checkpoint, maybe truncated ({type(exc).__name__}): "
+                           "use a complete img2gpt_epoch_N.pth") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise Img2GPTError(f"'{path}' is not an Img2GPT checkpoint (no '{CHECKPOINT_FORMAT}' format tag)")
+        kind = "a plain state_dict of another model" if isinstance(state, dict) else type(state).__name__
+        raise Img2GPTError(f"'{path}' is not an Img2GPT checkpoint (it is {kind}): use one written by "
+                           "training_script.py")
+    missing = [key for key in MODEL_CONFIG_KEYS if key not in state.get("config", {})]
+    if missing or not isinstance(state.get("weights"), dict):
+        raise Img2GPTError(f"Img2GPT checkpoint '{path}' is incomplete (no {missing or ['weights']})")
     return state
 
 
@@ -501,7 +564,10 @@ class JsonlLog:
     """training_log.jsonl: one JSON record per line, flushed at once so a disconnect loses nothing."""
 
     def __init__(self, path):
+        path = Path(path)
         self.file = open(path, "a", encoding="utf-8")
+        if path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+            self.file.write("\n")  # a run killed mid-line: start on a fresh line
 
     def write(self, **record):
         self.file.write(json.dumps(record) + "\n")
@@ -515,60 +581,110 @@ def autocast(device, compute_dtype):
     return torch.autocast(device.type, dtype=compute_dtype, enabled=device.type == "cuda")
 
 
-def sample_captions(model, tokenizer, samples, cfg, device, log, epoch, step):
+def sample_captions(run, epoch, step):
     """Print and log captions of the fixed sample images beside one reference caption each."""
     from tqdm.auto import tqdm
 
-    captions = generate_captions(model, tokenizer, samples["pixel_values"].to(device), cfg.max_new_tokens)
-    lines = [f"  {name}: {caption!r}  (reference: {ref!r})"
-             for name, caption, ref in zip(samples["names"], captions, samples["references"])]
-    tqdm.write(f"Sample captions after epoch {epoch} step {step}:\n" + "\n".join(lines))
-    log.write(type="samples", epoch=epoch, step=step,
-              samples=[{"image": n, "generated": c, "reference": r}
-                       for n, c, r in zip(samples["names"], captions, samples["references"])])
+    samples = run.samples
+    captions = generate_captions(run.model, run.tokenizer, samples["pixel_values"].to(run.device),
+                                 run.cfg.max_new_tokens)
+    pairs = list(zip(samples["names"], captions, samples["references"]))
+    tqdm.write(f"Sample captions after epoch {epoch} step {step}:\n"
+               + "\n".join(f"  {name}: {caption!r}  (reference: {ref!r})" for name, caption, ref in pairs))
+    run.log.write(type="samples", epoch=epoch, step=step,
+                  samples=[{"image": n, "generated": c, "reference": r} for n, c, r in pairs])
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, scaler, device, compute_dtype, epoch, cfg, log,
-                    tokenizer, samples):
-    """One pass over the training captions; returns the mean batch loss."""
+def training_state(run, epoch, step, loss_sum, loss_count):
+    """Everything besides the weights that a resumed run needs, as plain types and tensors."""
+    return {"epoch": epoch, "step": step, "batch_size": run.cfg.batch_size, "seed": run.cfg.seed,
+            "loss_sum": loss_sum, "loss_count": loss_count, "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
+            "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+
+
+def save_last(run, epoch, step, loss_sum=0.0, loss_count=0):
+    """OUTPUT_DIR/img2gpt_last.pth: weights plus training state after `step` batches of `epoch`."""
+    save_checkpoint(run.output_dir / "img2gpt_last.pth", run.model, run.model_config,
+                    {"training_state": training_state(run, epoch, step, loss_sum, loss_count)})
+
+
+def restore_training_state(run, state):
+    """Put optimizer, schedule, GradScaler and RNG back as saved; returns (epoch, step, loss_sum, loss_count)."""
+    train = state.get("training_state")
+    if train is None:
+        raise Img2GPTError("this checkpoint holds no training state (epoch files hold weights only): "
+                           "resume from img2gpt_last.pth in the same OUTPUT_DIR")
+    if train["batch_size"] != run.cfg.batch_size or train["seed"] != run.cfg.seed:
+        raise Img2GPTError(f"resume with the run's own --batch-size {train['batch_size']} and --seed "
+                           f"{train['seed']}: the batch order depends on them")
+    load_trained_weights(run.model, state["weights"])
+    run.optimizer.load_state_dict(train["optimizer"])
+    run.scheduler.load_state_dict(train["scheduler"])
+    run.scaler.load_state_dict(train["scaler"])
+    random.setstate(train["rng"]["python"])
+    torch.set_rng_state(train["rng"]["torch"])
+    if train["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(train["rng"]["cuda"])
+    return train["epoch"], train["step"], train["loss_sum"], train["loss_count"]
+
+
+def train_one_epoch(run, epoch, start_step=0, loss_sum=0.0, loss_count=0):
+    """Batches start_step+1.. of `epoch`; returns the mean loss over the whole epoch's applied batches.
+    A non-finite loss is not applied; MAX_BAD_BATCHES of them in a row stop training."""
     from tqdm.auto import tqdm
 
+    cfg, model, optimizer = run.cfg, run.model, run.optimizer
+    loader = make_loader(run.datasets["train"], run.tokenizer, cfg, epoch, start_step)
     model.train()
-    total, count = 0.0, 0
-    bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.num_epochs}", dynamic_ncols=True)
-    for step, batch in enumerate(bar, 1):
-        if batch is None:  # every image of the batch failed to decode
-            continue
-        batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
-        with autocast(device, compute_dtype):
-            loss = model(**batch).loss
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        total, count = total + loss.item(), count + 1
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        log.write(type="batch", epoch=epoch, step=step, loss=loss.item(), lr=scheduler.get_last_lr()[0])
-        if cfg.eval_interval > 0 and step % cfg.eval_interval == 0 and samples:
-            sample_captions(model, tokenizer, samples, cfg, device, log, epoch, step)
-    return total / max(count, 1)
+    bad_in_row = 0
+    bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.num_epochs}", initial=start_step,
+               total=start_step + len(loader), dynamic_ncols=True)
+    for step, batch in enumerate(bar, start_step + 1):
+        if batch is not None:  # None: every image of the batch failed to decode
+            batch = {key: value.to(run.device, non_blocking=True) for key, value in batch.items()}
+            with autocast(run.device, run.compute_dtype):
+                loss = model(**batch).loss
+            if torch.isfinite(loss):
+                run.scaler.scale(loss).backward()
+                run.scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(run.trainable, 1.0)
+                run.scaler.step(optimizer)
+                run.scaler.update()
+                bad_in_row, loss_sum, loss_count = 0, loss_sum + loss.item(), loss_count + 1
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+                run.log.write(type="batch", epoch=epoch, step=step, loss=loss.item(),
+                              lr=run.scheduler.get_last_lr()[0])
+            else:
+                bad_in_row += 1
+                run.log.write(type="nonfinite", epoch=epoch, step=step, loss=str(loss.item()))
+                tqdm.write(f"Skipped batch {step} of epoch {epoch}: loss is {loss.item()}")
+                if bad_in_row >= cfg.max_bad_batches:
+                    raise Img2GPTError(f"{bad_in_row} non-finite losses in a row at epoch {epoch} step {step}: "
+                                       "training stopped; lower --learning-rate and --resume from the last "
+                                       f"good {run.output_dir / 'img2gpt_last.pth'}")
+            optimizer.zero_grad(set_to_none=True)
+        run.scheduler.step()  # the schedule follows batches, applied or not, so resumed runs line up
+        if cfg.eval_interval > 0 and step % cfg.eval_interval == 0 and run.samples:
+            sample_captions(run, epoch, step)
+        if cfg.save_interval > 0 and step % cfg.save_interval == 0 and bad_in_row == 0:
+            save_last(run, epoch, step, loss_sum, loss_count)
+    return loss_sum / loss_count if loss_count else float("nan")
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, compute_dtype):
+def evaluate(run):
     """Mean validation loss (None without validation data)."""
-    model.eval()
+    run.model.eval()
     losses = []
-    for batch in loader:
+    for batch in make_loader(run.datasets["val"], run.tokenizer, run.cfg):
         if batch is None:
             continue
-        batch = {key: value.to(device) for key, value in batch.items()}
-        with autocast(device, compute_dtype):
-            losses.append(model(**batch).loss.item())
-    model.train()
+        batch = {key: value.to(run.device) for key, value in batch.items()}
+        with autocast(run.device, run.compute_dtype):
+            losses.append(run.model(**batch).loss.item())
+    run.model.train()
     return sum(losses) / len(losses) if losses else None
 
 
@@ -581,54 +697,87 @@ def sample_set(captions, names, image_dir, processor):
     return {"names": names, "references": [first[n] for n in names], "pixel_values": pixels}
 
 
-def main(argv=None):
-    cfg = parse_config(CONSTANTS, argv, FLAG_ALIASES, __doc__)
+def prepare_run(cfg):
+    """Data, model, optimizer and schedule of a run, gathered in one namespace the stages share."""
     from transformers import get_linear_schedule_with_warmup, set_seed
 
     set_seed(cfg.seed)
     device = resolve_device(cfg.device_choice)
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    resume = load_checkpoint(cfg.resume_from) if cfg.resume_from else None  # fail fast on a bad path
 
     csv_path, image_dir = find_dataset_files(cfg.data_dir or download_dataset(cfg.kaggle_dataset))
-    captions = drop_unusable_images(load_captions(csv_path), image_dir)
+    captions, left_out = drop_unusable_images(load_captions(csv_path), image_dir)
     splits = split_by_image(captions["image_name"], cfg.val_images, cfg.test_images, cfg.seed)
     if not splits["train"]:
         raise Img2GPTError(f"too few images to train on ({len(set(captions['image_name']))})")
 
-    model, tokenizer, processor, model_config = build_model(model_config_from(cfg), device)
+    model_config = resume["config"] if resume else model_config_from(cfg)
+    model, tokenizer, processor, model_config = build_model(model_config, device)
     quantize, compute_dtype = choose_precision(device)
-    loaders = make_loaders(captions, splits, image_dir, processor, tokenizer, cfg)
-    samples = sample_set(captions, splits["val"][:cfg.num_sample_images], image_dir, processor)
-
+    datasets = make_datasets(captions, splits, image_dir, processor)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate)
-    total_steps = cfg.num_epochs * len(loaders["train"])
+    batches_per_epoch = len(EpochBatchSampler(len(datasets["train"]), cfg.batch_size, cfg.seed, 1))
+    total_steps = cfg.num_epochs * batches_per_epoch
     scheduler = get_linear_schedule_with_warmup(optimizer, min(cfg.warmup_steps, total_steps // 2), total_steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype == torch.float16)
+    return types.SimpleNamespace(
+        cfg=cfg, device=device, quantize=quantize, compute_dtype=compute_dtype, output_dir=output_dir,
+        model=model, tokenizer=tokenizer, model_config=model_config, datasets=datasets, splits=splits,
+        left_out=left_out, resume=resume, trainable=trainable, optimizer=optimizer, scheduler=scheduler,
+        scaler=torch.amp.GradScaler(device.type, enabled=compute_dtype == torch.float16),
+        samples=sample_set(captions, splits["val"][:cfg.num_sample_images], image_dir, processor),
+        batches_per_epoch=batches_per_epoch, total_steps=total_steps, log=None)
 
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"Using device: {device} ({'4-bit QLoRA, ' + str(compute_dtype) if quantize else 'full precision LoRA'})\n"
+
+def print_banner(run):
+    precision = f"4-bit QLoRA, {run.compute_dtype}" if run.quantize else "full precision LoRA"
+    splits = run.splits
+    print(f"Using device: {run.device} ({precision})\n"
           f"Images train/val/test: {len(splits['train'])}/{len(splits['val'])}/{len(splits['test'])}, "
-          f"training captions: {len(loaders['train'].dataset)}\n"
-          f"Batch size {cfg.batch_size}, {len(loaders['train'])} batches per epoch, {total_steps} in all\n"
-          f"Trainable parameters: {sum(p.numel() for p in trainable):,} of {n_params:,}")
+          f"training captions: {len(run.datasets['train'])}\n"
+          f"Batch size {run.cfg.batch_size}, {run.batches_per_epoch} batches per epoch, {run.total_steps} in all\n"
+          f"Trainable parameters: {sum(p.numel() for p in run.trainable):,} of "
+          f"{sum(p.numel() for p in run.model.parameters()):,}")
 
-    log = JsonlLog(output_dir / "training_log.jsonl")
+
+def train(run):
+    """The epochs, from the start or from where a resumed checkpoint stopped."""
+    epoch, step, loss_sum, loss_count = 1, 0, 0.0, 0
+    if run.resume:
+        epoch, step, loss_sum, loss_count = restore_training_state(run, run.resume)
+        print(f"Resuming from '{run.cfg.resume_from}': epoch {epoch}, after batch {step}")
+    run.log.write(type="start", epoch=epoch, step=step, resumed_from=run.cfg.resume_from,
+                  left_out_images=len(run.left_out))
+    for epoch in range(epoch, run.cfg.num_epochs + 1):
+        train_loss = train_one_epoch(run, epoch, step, loss_sum, loss_count)
+        step, loss_sum, loss_count = 0, 0.0, 0
+        val_loss = evaluate(run)
+        val_text = f"{val_loss:.4f}" if val_loss is not None else "n/a (no validation images)"
+        print(f"Epoch {epoch}: average train loss {train_loss:.4f}, validation loss {val_text}")
+        run.log.write(type="epoch", epoch=epoch, train_loss=train_loss, val_loss=val_loss)
+        path = run.output_dir / f"img2gpt_epoch_{epoch}.pth"
+        save_checkpoint(path, run.model, run.model_config, {"epoch": epoch, "train_loss": train_loss,
+                                                            "val_loss": val_loss, "trained_in_4bit": run.quantize})
+        save_last(run, epoch + 1, 0)  # after the epoch file: a resume never skips an epoch's end
+        print(f"Saved {path}")
+
+
+def main(argv=None):
+    cfg = parse_config(CONSTANTS, argv, FLAG_ALIASES, __doc__)
+    run = prepare_run(cfg)
+    print_banner(run)
+    run.log = JsonlLog(run.output_dir / "training_log.jsonl")
     try:
-        for epoch in range(1, cfg.num_epochs + 1):
-            train_loss = train_one_epoch(model, loaders["train"], optimizer, scheduler, scaler, device,
-                                         compute_dtype, epoch, cfg, log, tokenizer, samples)
-            val_loss = evaluate(model, loaders["val"], device, compute_dtype)
-            val_text = f"{val_loss:.4f}" if val_loss is not None else "n/a (no validation images)"
-            print(f"Epoch {epoch}: average train loss {train_loss:.4f}, validation loss {val_text}")
-            log.write(type="epoch", epoch=epoch, train_loss=train_loss, val_loss=val_loss)
-            path = output_dir / f"img2gpt_epoch_{epoch}.pth"
-            save_checkpoint(path, model, model_config, {"epoch": epoch, "train_loss": train_loss,
-                                                       "val_loss": val_loss, "trained_in_4bit": quantize})
-            print(f"Saved {path}")
+        if run.left_out:
+            run.log.write(type="left_out", images=run.left_out)
+        train(run)
+    except torch.cuda.OutOfMemoryError:
+        raise Img2GPTError(f"CUDA ran out of memory at BATCH_SIZE {cfg.batch_size}: lower it (e.g. --batch-size "
+                           f"{max(1, cfg.batch_size // 2)}) and --resume from img2gpt_last.pth") from None
     finally:
-        log.close()
+        run.log.close()
 
 
 if __name__ == "__main__":
@@ -637,4 +786,4 @@ if __name__ == "__main__":
     except Img2GPTError as error:
         sys.exit(f"error: {error}")
     except KeyboardInterrupt:
-        sys.exit("interrupted: the last img2gpt_epoch_N.pth in OUTPUT_DIR holds the last finished epoch")
+        sys.exit("interrupted: continue with --resume OUTPUT_DIR/img2gpt_last.pth")

@@ -74,6 +74,19 @@ def make_flickr_folder(root, n_images, seed=0, quirks=True):
     return truth
 
 
+def write_png_header(path, width, height):
+    """A tiny PNG that claims width x height pixels: Pillow refuses it as a decompression bomb on open."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                           + chunk(b"IEND", b""))
+
+
 def build_tiny_models(folder, hidden=32, layers=2):
     """Tiny ViT (32x32 images, 8x8 patches: 17 prefix tokens) and GPT-2 with a byte-level BPE tokenizer trained
     on the fixture captions, saved like hub models so the scripts load them with from_pretrained."""

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 import training_script as ts
-from conftest import BROKEN_ROW_CAPTION, QUOTED_CAPTION, make_flickr_folder
+from conftest import BROKEN_ROW_CAPTION, QUOTED_CAPTION, make_flickr_folder, write_png_header
 
 
 def test_results_csv_quirks_are_parsed(flickr_dir):
@@ -55,11 +55,42 @@ def test_missing_data_folder_and_csv_are_clear_errors(tmp_path):
 
 def test_missing_and_corrupt_images_are_left_out_with_a_count(flickr_dir, capsys):
     csv_path, image_dir = ts.find_dataset_files(flickr_dir)
-    kept = ts.drop_unusable_images(ts.load_captions(csv_path), image_dir)
+    kept, left_out = ts.drop_unusable_images(ts.load_captions(csv_path), image_dir)
     names = set(kept["image_name"])
-    assert "missing.jpg" not in names and "corrupt.jpg" not in names
-    assert len(names) == 25
+    assert left_out == ["corrupt.jpg", "missing.jpg"]
+    assert len(names) == 25 and not names & set(left_out)
     assert "Left out 2 of 27 images" in capsys.readouterr().out
+
+
+def test_empty_truncated_and_oversized_images_are_unusable(tmp_path):
+    good = tmp_path / "good.jpg"
+    Image.new("RGB", (64, 64), "red").save(good, quality=95)
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "truncated.jpg").write_bytes(good.read_bytes()[:300])
+    write_png_header(tmp_path / "bomb.png", 30000, 30000)
+    assert ts.is_usable_image(good)
+    for name in ("empty.jpg", "bomb.png"):
+        assert not ts.is_usable_image(tmp_path / name), name
+    for name in ("empty.jpg", "truncated.jpg", "bomb.png"):  # what verify() lets through, decoding refuses
+        with pytest.raises(ts.IMAGE_ERRORS):
+            ts.load_image(tmp_path / name)
+
+
+def test_nothing_left_is_an_error(tmp_path):
+    make_flickr_folder(tmp_path, 2, quirks=False)
+    for picture in (tmp_path / "flickr30k_images" / "flickr30k_images").iterdir():
+        picture.write_bytes(b"")
+    csv_path, image_dir = ts.find_dataset_files(tmp_path)
+    with pytest.raises(ts.Img2GPTError, match="none of the 2 images"):
+        ts.drop_unusable_images(ts.load_captions(csv_path), image_dir)
+
+
+def test_csv_without_the_expected_columns_names_the_file(tmp_path):
+    make_flickr_folder(tmp_path, 2, quirks=False)
+    csv_path = tmp_path / "flickr30k_images" / "results.csv"
+    csv_path.write_text("name,caption\n1000.jpg,a red circle\n")
+    with pytest.raises(ts.Img2GPTError, match=str(csv_path)):
+        ts.load_captions(csv_path)
 
 
 def test_split_is_by_image_disjoint_and_deterministic():
