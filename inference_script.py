@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from training_script import (IMAGE_ERRORS, Img2GPTError, build_model, generate_captions, load_checkpoint,
-                             load_image, load_trained_weights, parse_config, preprocess, resolve_device)
+                             load_image, load_trained_weights, parse_config, preprocess, resolve_device, run_cli)
 
 # --- What to caption ------------------------------------------------------------------------------
 MODEL_WEIGHTS_PATH = "img2gpt_epoch_3.pth"  # checkpoint written by training_script.py
@@ -90,6 +90,8 @@ def fetch_image(source, timeout, max_bytes):
         return load_image(opened)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise Img2GPTError(f"{what} has more pixels than Pillow decodes safely: resize it first") from None
+    except UnidentifiedImageError:
+        raise Img2GPTError(f"{what} is not an image in any format Pillow reads: give a JPEG, PNG, ...") from None
     except IMAGE_ERRORS as exc:
         raise Img2GPTError(f"{what} is not a readable image ({exc})") from None
 
@@ -139,7 +141,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except Img2GPTError as error:
-        sys.exit(f"error: {error}")
+    run_cli(main)

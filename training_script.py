@@ -351,9 +351,12 @@ def make_loader(dataset, tokenizer, cfg, epoch=None, start=0):
         sampler = torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(dataset), cfg.batch_size, False)
     else:
         sampler = EpochBatchSampler(len(dataset), cfg.batch_size, cfg.seed, epoch, start)
+    # Its own generator: the loader's worker seed is drawn from it, not from the global RNG that dropout uses,
+    # so a resumed run's dropout masks continue exactly where the saved RNG state left them.
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(),
-        collate_fn=partial(collate_batch, tokenizer=tokenizer, max_tokens=cfg.max_caption_tokens))
+        collate_fn=partial(collate_batch, tokenizer=tokenizer, max_tokens=cfg.max_caption_tokens),
+        generator=torch.Generator().manual_seed(cfg.seed))
 
 
 # --- Model ----------------------------------------------------------------------------------------
@@ -525,9 +528,13 @@ def load_checkpoint(path):
         state = torch.load(path, map_location="cpu", weights_only=True)
     except PermissionError:
         raise Img2GPTError(f"checkpoint '{path}' cannot be read (permission denied): check its permissions") from None
-    except pickle.UnpicklingError:
-        raise Img2GPTError(f"'{path}' holds pickled objects other than tensors and plain types, which are never "
-                           "loaded (weights_only=True): use a checkpoint written by training_script.py") from None
+    except pickle.UnpicklingError as exc:
+        if "unsupported global" in str(exc).lower():  # it names a class or function to call: refused
+            raise Img2GPTError(f"'{path}' holds pickled objects other than tensors and plain types, which are "
+                               "never loaded (weights_only=True): use a checkpoint written by training_script.py"
+                               ) from None
+        raise Img2GPTError(f"'{path}' is not a readable checkpoint, maybe truncated (UnpicklingError): "
+                           "use a complete img2gpt_epoch_N.pth") from None
     except Exception as exc:  # torch raises RuntimeError, EOFError, ValueError... for truncated or foreign files
         raise Img2GPTError(f"'{path}' is not a readable checkpoint, maybe truncated ({type(exc).__name__}): "
                            "use a complete img2gpt_epoch_N.pth") from None
@@ -780,10 +787,15 @@ def main(argv=None):
         run.log.close()
 
 
-if __name__ == "__main__":
+def run_cli(main, argv=None, on_interrupt="interrupted"):
+    """A script's main as a command: a problem the user can fix is one 'error: ...' line on stderr, exit 1."""
     try:
-        main()
+        main(argv)
     except Img2GPTError as error:
         sys.exit(f"error: {error}")
     except KeyboardInterrupt:
-        sys.exit("interrupted: continue with --resume OUTPUT_DIR/img2gpt_last.pth")
+        sys.exit(on_interrupt)
+
+
+if __name__ == "__main__":
+    run_cli(main, on_interrupt="interrupted: continue with --resume OUTPUT_DIR/img2gpt_last.pth")

@@ -1,0 +1,220 @@
+"""Bad input ends in one clear 'error: ...' line and a non-zero exit, never a traceback, nothing half-done."""
+
+import http.server
+import pickle
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+import inference_script
+import training_script as ts
+from conftest import ROOT, build_tiny_models, run_script, train_args, write_png_header
+
+
+@pytest.fixture(scope="module")
+def checkpoint(flickr_dir, tiny_models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt")
+    ts.run_cli(ts.main, train_args(flickr_dir, tiny_models, out, "--epochs", "1", "--batch-size", "16",
+                                   "--eval-interval", "0"))
+    return out / "img2gpt_epoch_1.pth"
+
+
+def cli(capsys, script, *argv):
+    """(exit code, stdout, stderr) of a script's main run through its command-line entry point."""
+    with pytest.raises(SystemExit) as exit_info:
+        ts.run_cli(script.main, [str(a) for a in argv])
+        raise SystemExit(0)
+    out, err = capsys.readouterr()
+    code = exit_info.value.code
+    if isinstance(code, str):  # sys.exit("message") prints it to stderr and exits 1
+        err, code = err + code + "\n", 1
+    return code, out, err
+
+
+def one_error_line(err):
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+# --- checkpoints ----------------------------------------------------------------------------------
+class Payload:
+    """Unpickling this creates a marker file: proof that code inside a .pth ran."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def bad_checkpoints(folder, good):
+    folder.mkdir()
+    (folder / "random.pth").write_bytes(bytes(range(256)) * 40)
+    torch.save(torch.nn.Linear(3, 3).state_dict(), folder / "state_dict.pth")
+    data = good.read_bytes()
+    (folder / "truncated.pth").write_bytes(data[: len(data) // 2])
+    (folder / "a_folder.pth").mkdir()
+    return {
+        "missing.pth": "not found",
+        "a_folder.pth": "is a folder",
+        "random.pth": "not a readable checkpoint",
+        "state_dict.pth": "plain state_dict of another model",
+        "truncated.pth": "maybe truncated",
+    }
+
+
+def test_bad_checkpoints_are_refused_with_a_reason(checkpoint, tmp_path, capsys):
+    for name, reason in bad_checkpoints(tmp_path / "bad", checkpoint).items():
+        code, out, err = cli(capsys, inference_script, "--weights", tmp_path / "bad" / name, "--device", "cpu")
+        assert code == 1 and reason in one_error_line(err), (name, err)
+        assert "Step 1" not in out  # refused before any model is loaded
+
+
+def test_unreadable_checkpoint(checkpoint, monkeypatch, capsys):
+    def denied(*args, **kwargs):  # tests run as root, who reads any file: simulate the OS saying no
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(torch, "load", denied)
+    code, _, err = cli(capsys, inference_script, "--weights", checkpoint, "--device", "cpu")
+    assert code == 1 and "permission denied" in one_error_line(err)
+
+
+def test_pickle_payload_never_runs(checkpoint, tmp_path):
+    marker = tmp_path / "payload_ran"
+    state = torch.load(checkpoint, weights_only=True)
+    state["extra"] = Payload(marker)
+    with open(tmp_path / "evil.pth", "wb") as file:
+        torch.save(state, file, pickle_module=pickle)
+    assert not marker.exists()
+    result = run_script("inference_script.py", "--weights", tmp_path / "evil.pth", "--device", "cpu")
+    assert result.returncode == 1 and "never loaded" in one_error_line(result.stderr)
+    assert not marker.exists()
+    pickle.loads(pickle.dumps(Payload(marker)))  # the payload does work when unpickled unsafely
+    assert marker.exists()
+
+
+def test_checkpoint_for_other_base_models_names_the_sizes(checkpoint, tmp_path, capsys):
+    wide_vit, _ = build_tiny_models(tmp_path / "wide", hidden=48, layers=1)
+    code, _, err = cli(capsys, inference_script, "--weights", checkpoint, "--device", "cpu", "--vit-model", wide_vit)
+    assert code == 1 and "projection_in is 32 but the base models give 48" in one_error_line(err)
+
+
+# --- images ---------------------------------------------------------------------------------------
+class Handler(http.server.BaseHTTPRequestHandler):
+    """/good.png an image, /500 a server error, /page.html HTML, /big.png 50 kB, /nolength 200 kB without a
+    Content-Length header; anything else 404."""
+
+    def do_GET(self):
+        if self.path == "/500":
+            self.send_error(500)
+        elif self.path in ("/good.png", "/page.html", "/big.png"):
+            body, kind = self.server.files[self.path]
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        elif self.path == "/nolength":
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.end_headers()
+            for _ in range(200):
+                self.wfile.write(b"\0" * 1024)
+            self.close_connection = True
+        else:
+            self.send_error(404)
+
+    def handle(self):
+        try:
+            super().handle()
+        except (BrokenPipeError, ConnectionResetError):  # the client hung up on a body it refused: expected
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("served")
+    Image.new("RGB", (32, 32), "red").save(folder / "good.png")
+    Image.effect_noise((128, 128), 100).convert("RGB").save(folder / "big.png")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.files = {"/good.png": ((folder / "good.png").read_bytes(), "image/png"),
+                    "/page.html": (b"<html><body>not an image</body></html>", "text/html"),
+                    "/big.png": ((folder / "big.png").read_bytes(), "image/png")}
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    silent = socket.socket()  # accepts connections, never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    closed = socket.socket()  # a port where nothing listens: connection refused
+    closed.bind(("127.0.0.1", 0))
+    closed_port = closed.getsockname()[1]
+    closed.close()
+    yield {"http": f"http://127.0.0.1:{server.server_address[1]}", "silent": silent.getsockname()[1],
+           "closed": closed_port, "big_size": len(server.files["/big.png"][0])}
+    server.shutdown()
+    silent.close()
+
+
+def test_every_bad_image_is_reported_and_the_good_ones_captioned(checkpoint, servers, tmp_path, capsys):
+    good = tmp_path / "good.jpg"
+    Image.new("RGB", (40, 40), "blue").save(good)
+    (tmp_path / "truncated.jpg").write_bytes(good.read_bytes()[:200])
+    (tmp_path / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"garbage" * 50)
+    write_png_header(tmp_path / "bomb.png", 30000, 30000)
+    (tmp_path / "folder.jpg").mkdir()
+    (tmp_path / "text.jpg").write_text("just some text")
+    base = servers["http"]
+    expected = {  # source -> what its error line says
+        f"{base}/missing.jpg": "HTTP 404",
+        f"{base}/500": "HTTP 500",
+        f"{base}/page.html": "(Content-Type: text/html) is not an image",
+        f"{base}/big.png": "larger than 20,000 bytes",
+        f"{base}/nolength": "larger than 20,000 bytes",
+        f"http://127.0.0.1:{servers['closed']}/x.jpg": "could not connect",
+        f"http://127.0.0.1:{servers['silent']}/x.jpg": "did not answer within 2 s",
+        "ftp://example.com/x.jpg": "only http:// and https://",
+        "file:///etc/passwd": "only http:// and https://",
+        str(tmp_path / "nowhere.jpg"): "not found",
+        str(tmp_path / "folder.jpg"): "is a folder",
+        str(tmp_path / "truncated.jpg"): "not a readable image",
+        str(tmp_path / "corrupt.jpg"): "not a readable image",
+        str(tmp_path / "text.jpg"): "not an image in any format Pillow reads",
+        str(tmp_path / "bomb.png"): "more pixels than Pillow decodes safely",
+    }
+    assert servers["big_size"] > 20_000
+    sources = [f"{base}/good.png", *expected, str(good)]
+    started = time.monotonic()
+    code, out, err = cli(capsys, inference_script, "--weights", checkpoint, "--device", "cpu", "--max-new-tokens", "3",
+                         "--request-timeout", "2", "--max-image-bytes", "20000",
+                         *[arg for source in sources for arg in ("--image", source)])
+    assert time.monotonic() - started < 60  # the silent server is bounded by the timeout
+    assert code == 1 and "Traceback" not in err
+    assert out.count("Generated Caption: ") == 2
+    assert f"Image URL: {base}/good.png" in out and f"Image URL: {good}" in out
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    print("\n".join(errors))
+    assert len(errors) == len(expected) + 1
+    for line, (source, reason) in zip(errors, expected.items()):
+        assert reason in line and source.split("://")[-1][:20] in line, (source, line)
+    assert errors[-1] == f"error: {len(expected)} of {len(sources)} images could not be captioned"
+
+
+def test_default_request_timeout_is_under_a_minute():
+    assert 0 < inference_script.REQUEST_TIMEOUT < 60
+
+
+def test_entry_point_prints_no_traceback(tmp_path):
+    result = run_script("training_script.py", "--data-dir", tmp_path / "nowhere", "--device", "cpu")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("error: data folder") and "Traceback" not in result.stderr
+    result = run_script("training_script.py", "--device", "cuda:0" if not torch.cuda.is_available() else "nope")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
