@@ -9,19 +9,22 @@ full precision on the CPU; a checkpoint trained in 4-bit on a GPU captions on a 
 """
 
 import io
+import json
 import re
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from training_script import (IMAGE_ERRORS, Img2GPTError, build_model, generate_captions, load_checkpoint,
-                             load_image, load_trained_weights, parse_config, preprocess, resolve_device, run_cli)
+from training_script import (IMAGE_ERRORS, Img2GPTError, build_model, caption_sources, decoding_settings,
+                             load_checkpoint, load_image, load_trained_weights, merge_lora, parse_config,
+                             resolve_device, run_cli)
 
 # --- What to caption ------------------------------------------------------------------------------
 MODEL_WEIGHTS_PATH = "img2gpt_epoch_3.pth"  # checkpoint written by training_script.py
-IMAGE_URL = "http://images.cocodataset.org/val2017/000000039769.jpg"  # http(s) URL or local image path
+IMAGE_URL = "http://images.cocodataset.org/val2017/000000039769.jpg"  # URL, image path, folder, or .txt of those
 REQUEST_TIMEOUT = 30  # seconds a download may take in all before it is given up
 MAX_IMAGE_BYTES = 20_000_000  # largest image download accepted, in bytes
 
@@ -30,16 +33,38 @@ DEVICE_CHOICE = "cuda" if torch.cuda.is_available() else "cpu"  # "cuda" (4-bit)
 VIT_MODEL_NAME = None  # vision encoder to load instead of the checkpoint's (e.g. a local copy); None: its own
 GPT2_MODEL_NAME = None  # language model to load instead of the checkpoint's; None: its own
 
-# --- Decoding -------------------------------------------------------------------------------------
+# --- Decoding and output --------------------------------------------------------------------------
 MAX_NEW_TOKENS = 30  # longest caption, in tokens (generation also stops at EOS)
 NUM_BEAMS = 1  # 1: greedy; more: beam search
+NO_REPEAT_NGRAM_SIZE = 0  # never repeat an n-gram of this many tokens (0: off)
+REPETITION_PENALTY = 1.0  # above 1 discourages repeating tokens (1.0: off)
+BATCH_SIZE = 8  # images captioned together (fetched and preprocessed ahead in threads)
+JSON_OUTPUT = False  # one JSON record per image on stdout ({"image", "caption", "error"}); progress on stderr
 
 # Every UPPERCASE name bound to a plain value above is a setting with a flag (imported names are not).
 CONSTANTS = {name: value for name, value in dict(globals()).items()
              if name.isupper() and isinstance(value, (bool, int, float, str, type(None)))}
 FLAG_ALIASES = {"MODEL_WEIGHTS_PATH": "--weights", "IMAGE_URL": "--image", "DEVICE_CHOICE": "--device",
-                "VIT_MODEL_NAME": "--vit-model", "GPT2_MODEL_NAME": "--gpt2-model"}
+                "VIT_MODEL_NAME": "--vit-model", "GPT2_MODEL_NAME": "--gpt2-model", "JSON_OUTPUT": "--json"}
 RULE = "=" * 50
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+
+
+def expand_sources(values):
+    """Each --image value as the images it names: a URL or file as itself, a folder as the image files in
+    it (sorted), a .txt file as its lines (URLs or paths; blank lines and # comments skipped)."""
+    for value in values:
+        path = Path(value).expanduser()
+        if URL.match(value):
+            yield value
+        elif path.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.iterdir()):
+            yield from (str(p) for p in sorted(path.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.suffix.lower() == ".txt" and path.is_file():
+            lines = (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
+            yield from (line for line in lines if line and not line.startswith("#"))
+        else:
+            yield value
 
 
 def download(url, timeout, max_bytes):
@@ -73,7 +98,7 @@ def download(url, timeout, max_bytes):
 
 def fetch_image(source, timeout, max_bytes):
     """An RGB image from an http(s) URL or a local path; anything else is an Img2GPTError naming the problem."""
-    scheme = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://", source)
+    scheme = URL.match(source)
     if scheme and scheme.group(1).lower() not in ("http", "https"):
         raise Img2GPTError(f"'{source}': only http:// and https:// URLs or local file paths are supported")
     if scheme:
@@ -84,7 +109,7 @@ def fetch_image(source, timeout, max_bytes):
         if not path.exists():
             raise Img2GPTError(f"image '{source}' not found: give an existing file or an http(s) URL")
         if path.is_dir():
-            raise Img2GPTError(f"'{source}' is a folder: give an image file in it")
+            raise Img2GPTError(f"'{source}' is a folder with no images in it: give an image file or another folder")
         what, opened = f"'{source}'", path
     try:
         return load_image(opened)
@@ -96,7 +121,7 @@ def fetch_image(source, timeout, max_bytes):
         raise Img2GPTError(f"{what} is not a readable image ({exc})") from None
 
 
-def load_model(weights_path, device, vit_model=None, gpt2_model=None):
+def load_model(weights_path, device, vit_model=None, gpt2_model=None, say=print):
     """Rebuild the trained model from the checkpoint's config, printing the original design's Step lines."""
     state = load_checkpoint(weights_path)
     config = dict(state["config"])
@@ -105,39 +130,51 @@ def load_model(weights_path, device, vit_model=None, gpt2_model=None):
     steps = {1: f"Loading tokenizer and base models ({'with 4-bit quantization' if device.type == 'cuda' else 'in full precision'})...",
              2: "Applying the exact same LoRA configurations...",
              3: "Initializing the combined Img2GPT model..."}
-    model, tokenizer, processor, _ = build_model(config, device, announce=lambda n: print(f"Step {n}: {steps[n]}"))
-    print(f"Step 4: Loading trained weights from '{weights_path}'...")
+    model, tokenizer, processor, _ = build_model(config, device, announce=lambda n: say(f"Step {n}: {steps[n]}"))
+    say(f"Step 4: Loading trained weights from '{weights_path}'...")
     load_trained_weights(model, state["weights"])
+    if device.type == "cpu":
+        merge_lora(model)
     model.eval()
-    print("Model successfully built and ready for inference!")
+    say("Model successfully built and ready for inference!")
     return model, tokenizer, processor
 
 
-def caption_image(model, tokenizer, processor, source, device, cfg):
-    kind = "URL" if re.match(r"^https?://", source, re.I) else "path"
-    print(f"\nPreprocessing image from {kind}: {source}")
-    pixels = preprocess(processor, [fetch_image(source, cfg.request_timeout, cfg.max_image_bytes)]).to(device)
-    print("Generating caption...")
-    return generate_captions(model, tokenizer, pixels, cfg.max_new_tokens, cfg.num_beams)[0]
+def announce_batch(sources, say):
+    for source in sources:
+        say(f"\nPreprocessing image from {'URL' if URL.match(source) else 'path'}: {source}")
+    say("Generating caption...")
 
 
 def main(argv=None):
     cfg = parse_config(CONSTANTS, argv, FLAG_ALIASES, __doc__, repeatable=("IMAGE_URL",), script=__file__)
+    if cfg.batch_size < 1:
+        raise Img2GPTError("--batch-size must be at least 1")
+    # With --json, stdout carries only the records, so that scripts can read it line by line.
+    say = partial(print, file=sys.stderr) if cfg.json_output else print
     device = resolve_device(cfg.device_choice)
-    print(f"Using device: {device}")
+    say(f"Using device: {device}")
     model, tokenizer, processor = load_model(cfg.model_weights_path, device, cfg.vit_model_name,
-                                             cfg.gpt2_model_name)
-    failed = 0
-    for source in cfg.image_url:
-        try:
-            caption = caption_image(model, tokenizer, processor, source, device, cfg)
-        except Img2GPTError as error:  # one bad image does not stop the others
+                                             cfg.gpt2_model_name, say)
+    results = caption_sources(model, tokenizer, processor, expand_sources(cfg.image_url),
+                              partial(fetch_image, timeout=cfg.request_timeout, max_bytes=cfg.max_image_bytes),
+                              cfg.batch_size, decoding_settings(cfg), on_batch=partial(announce_batch, say=say))
+    failed = total = 0
+    for source, caption in results:
+        total += 1
+        error = caption if isinstance(caption, Exception) else None
+        if cfg.json_output:
+            print(json.dumps({"image": source, "caption": None if error else caption,
+                              "error": str(error) if error else None}), flush=True)
+        if error:  # one bad image does not stop the others
             print(f"error: {error}", file=sys.stderr)
             failed += 1
-            continue
-        print(f"\n{RULE}\n      INFERENCE RESULT\n{RULE}\nImage URL: {source}\nGenerated Caption: {caption}\n{RULE}")
+        elif not cfg.json_output:
+            print(f"\n{RULE}\n      INFERENCE RESULT\n{RULE}\nImage URL: {source}\nGenerated Caption: {caption}\n{RULE}")
     if failed:
-        sys.exit(f"error: {failed} of {len(cfg.image_url)} images could not be captioned")
+        sys.exit(f"error: {failed} of {total} images could not be captioned")
+    if total == 0:
+        raise Img2GPTError("no images to caption: the folders or .txt files given name none")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import sys
 import types
 import warnings
@@ -54,7 +55,15 @@ LEARNING_RATE = 2e-4  # AdamW peak learning rate, for LoRA and projection
 WARMUP_STEPS = 100  # batches of linear warm-up, then linear decay to 0
 EVAL_INTERVAL = 500  # batches between sample-caption rounds (0: none)
 NUM_SAMPLE_IMAGES = 4  # validation images captioned at each round (the same ones every time)
-MAX_NEW_TOKENS = 30  # longest sample caption, in tokens
+
+# --- Decoding (sample captions and evaluation) and evaluation -------------------------------------
+MAX_NEW_TOKENS = 30  # longest caption, in tokens (generation also stops at EOS)
+NUM_BEAMS = 1  # 1: greedy; more: beam search
+NO_REPEAT_NGRAM_SIZE = 0  # never repeat an n-gram of this many tokens (0: off)
+REPETITION_PENALTY = 1.0  # above 1 discourages repeating tokens (1.0: off)
+EVAL_AFTER_TRAINING = True  # score the last epoch on the test split when training ends
+EVALUATE = None  # checkpoint to score on the test split instead of training; None: train
+KARPATHY_SPLIT_FILE = None  # Karpathy's dataset_flickr30k.json: its train/val/test split; None: seeded split
 
 # --- Interruptions --------------------------------------------------------------------------------
 SAVE_INTERVAL = 200  # batches between saves of OUTPUT_DIR/img2gpt_last.pth (a disconnect loses at most these)
@@ -246,6 +255,23 @@ def drop_unusable_images(captions, image_dir):
     if kept.empty:
         raise Img2GPTError(f"none of the {len(names)} images listed in results.csv could be read in '{image_dir}'")
     return kept, sorted(bad)
+
+
+def karpathy_split(path, image_names):
+    """Karpathy's train/val/test assignment (dataset_flickr30k.json; 'restval' counts as train), restricted
+    to the images at hand, so scores compare with published ones."""
+    try:
+        images = json.loads(Path(path).read_text(encoding="utf-8"))["images"]
+        assignment = {image["filename"]: image["split"] for image in images}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise Img2GPTError(f"cannot read Karpathy split file '{path}' ({type(exc).__name__}): give "
+                           "dataset_flickr30k.json or leave --karpathy-split-file out") from None
+    splits = {"train": [], "val": [], "test": []}
+    for name in sorted(set(image_names)):
+        split = {"restval": "train"}.get(assignment.get(name), assignment.get(name))
+        if split in splits:
+            splits[split].append(name)
+    return splits
 
 
 def split_by_image(image_names, val_images, test_images, seed):
@@ -475,17 +501,86 @@ def build_model(model_config, device, announce=lambda step: None):
 
 
 @torch.inference_mode()
-def generate_captions(model, tokenizer, pixel_values, max_new_tokens, num_beams=1):
+def decoding_settings(cfg):
+    """The generate() settings of a run, the same for sample captions, evaluation and inference."""
+    return {"max_new_tokens": cfg.max_new_tokens, "num_beams": cfg.num_beams,
+            "no_repeat_ngram_size": cfg.no_repeat_ngram_size, "repetition_penalty": cfg.repetition_penalty}
+
+
+@torch.inference_mode()
+def generate_captions(model, tokenizer, pixel_values, max_new_tokens, num_beams=1, no_repeat_ngram_size=0,
+                      repetition_penalty=1.0, min_new_tokens=0):
     """Captions for a batch of images: prefix in, new tokens out (KV cache, stops at EOS)."""
     was_training = model.training
     model.eval()
     prefix = model.prefix(pixel_values)
     mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
     tokens = model.lm.generate(inputs_embeds=prefix, attention_mask=mask, max_new_tokens=max_new_tokens,
-                               num_beams=num_beams, do_sample=False, eos_token_id=tokenizer.eos_token_id,
-                               pad_token_id=tokenizer.pad_token_id)
+                               min_new_tokens=min_new_tokens, num_beams=num_beams, do_sample=False,
+                               no_repeat_ngram_size=no_repeat_ngram_size, repetition_penalty=repetition_penalty,
+                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     model.train(was_training)
     return [text.strip() for text in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+
+
+def merge_lora(model):
+    """Fold both LoRAs into their base weights for full-precision inference: the same outputs, without the
+    adapters' extra matmuls on every layer and token. (4-bit weights are left as they are: merging into
+    them would round the adapters away.)"""
+    model.vision = model.vision.merge_and_unload()
+    model.lm = model.lm.merge_and_unload()
+    return model
+
+
+def prefetch(function, items, ahead, workers=4):
+    """(item, function(item)) in order, computed up to `ahead` items in advance in threads. A user-caused
+    failure (Img2GPTError or a bad image) comes back in place of the result instead of stopping the rest."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    def guarded(item):
+        try:
+            return function(item)
+        except (Img2GPTError, *IMAGE_ERRORS) as error:
+            return error
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending = deque()
+        for item in items:
+            pending.append((item, pool.submit(guarded, item)))
+            if len(pending) > ahead:
+                item, future = pending.popleft()
+                yield item, future.result()
+        while pending:
+            item, future = pending.popleft()
+            yield item, future.result()
+
+
+def caption_sources(model, tokenizer, processor, sources, open_image, batch_size, decoding, on_batch=None):
+    """(source, caption or error) for every source, in order. Images are opened and preprocessed in threads
+    up to two batches ahead while the model captions the current batch. on_batch(sources) runs before each
+    batch is generated."""
+    device = model.projection.weight.device
+    window = []
+
+    def flush():
+        good = [pixels for _, pixels in window if not isinstance(pixels, Exception)]
+        if on_batch:
+            on_batch([source for source, pixels in window if not isinstance(pixels, Exception)])
+        captions = iter(generate_captions(model, tokenizer, torch.stack(good).to(device), **decoding) if good else [])
+        results = [(source, pixels if isinstance(pixels, Exception) else next(captions)) for source, pixels in window]
+        window.clear()
+        return results
+
+    def load(source):
+        return preprocess(processor, [open_image(source)])[0]
+
+    for source, pixels in prefetch(load, sources, ahead=2 * batch_size):
+        window.append((source, pixels))
+        if len(window) == batch_size:
+            yield from flush()
+    if window:
+        yield from flush()
 
 
 # --- Checkpoints ----------------------------------------------------------------------------------
@@ -566,6 +661,102 @@ def load_trained_weights(model, weights):
     model.projection.load_state_dict(weights["projection"])
 
 
+# --- Evaluation -----------------------------------------------------------------------------------
+def coco_tokenize(text):
+    """Lowercase words with punctuation dropped and clitics split off ("dog's" -> "dog 's"), as the COCO
+    scorers' PTB tokenizer leaves captions; that tokenizer needs Java, this needs nothing."""
+    return " ".join(re.findall(r"[a-z0-9]+|'[a-z]+", text.lower()))
+
+
+def score_captions(references, predictions):
+    """({metric: score}, notes) with pycocoevalcap's scorers. references: {image: [captions]},
+    predictions: {image: caption}. BLEU, ROUGE-L and CIDEr are pure Python; METEOR runs on Java and SPICE
+    also needs Stanford CoreNLP, so each is left out with a note where it cannot run."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    gts = {image: [coco_tokenize(c) for c in captions] for image, captions in references.items()}
+    res = {image: [coco_tokenize(predictions[image])] for image in references}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    scores = {f"Bleu_{n}": float(value) for n, value in enumerate(bleu, 1)}
+    scores["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
+    scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+    notes = []
+    if not shutil.which("java"):
+        return scores, ["METEOR and SPICE left out: they need Java (install a JRE to get them)"]
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    scores["METEOR"] = float(Meteor().compute_score(gts, res)[0])
+    import pycocoevalcap.spice as spice
+
+    if any((Path(spice.__file__).parent / "lib").glob("stanford-corenlp-*-models.jar")):
+        from pycocoevalcap.spice.spice import Spice
+
+        scores["SPICE"] = float(Spice().compute_score(gts, res)[0])
+    else:  # its first run downloads Stanford CoreNLP (about 1 GB): not something to start unasked
+        notes.append("SPICE left out: it needs Stanford CoreNLP; run pycocoevalcap.spice.get_stanford_models "
+                     "once online")
+    return scores, notes
+
+
+def write_json(path, data):
+    """Atomic like the checkpoints: a temporary file renamed into place."""
+    temporary = Path(path).with_name(Path(path).name + ".tmp")
+    temporary.write_text(json.dumps(data, indent=2), encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def evaluate_on_test(model, tokenizer, processor, data, cfg, checkpoint_name, output_dir):
+    """Caption every test image, score against all its references, write OUTPUT_DIR/eval_<checkpoint>.json
+    and print the scores as a table. Returns the scores."""
+    from tqdm.auto import tqdm
+
+    names = data.splits["test"]
+    if not names:
+        raise Img2GPTError("the test split is empty: nothing to evaluate on")
+    references = data.captions[data.captions["image_name"].isin(set(names))].groupby("image_name")["caption"]
+    references = {name: list(captions) for name, captions in references}
+    decoding = decoding_settings(cfg)
+    predictions = {}
+    results = caption_sources(model, tokenizer, processor, names, lambda n: load_image(Path(data.image_dir) / n),
+                              cfg.batch_size, decoding)
+    for name, caption in tqdm(results, total=len(names), desc="captioning the test split"):
+        predictions[name] = "" if isinstance(caption, Exception) else caption  # unreadable now: scores zero
+    scores, notes = score_captions(references, predictions)
+    path = Path(output_dir) / f"eval_{checkpoint_name}.json"
+    write_json(path, {**scores, "checkpoint": checkpoint_name, "split": data.split_name, "test_images": len(names),
+                      "decoding": decoding, "notes": notes,
+                      "captions": [{"image": n, "generated": predictions[n], "references": references[n]}
+                                   for n in names]})
+    print(f"\nTest split ({data.split_name}, {len(names)} images), {checkpoint_name}:\n\n| metric | score |\n|---|---:|")
+    print("\n".join(f"| {metric} | {value:.4f} |" for metric, value in scores.items()))
+    for note in notes:
+        print(f"({note})")
+    print(f"\nWrote {path}")
+    return scores
+
+
+def evaluate_checkpoint(cfg):
+    """--evaluate PATH: score a saved checkpoint on the test split without training."""
+    state = load_checkpoint(cfg.evaluate)
+    device = resolve_device(cfg.device_choice)
+    config = dict(state["config"])
+    # Other copies of the base models (e.g. local folders) replace the names in the checkpoint when given.
+    if cfg.vit_model_name != VIT_MODEL_NAME:
+        config["vit_model"] = cfg.vit_model_name
+    if cfg.gpt2_model_name != GPT2_MODEL_NAME:
+        config["gpt2_model"] = cfg.gpt2_model_name
+    data = prepare_data(cfg)
+    model, tokenizer, processor, _ = build_model(config, device)
+    load_trained_weights(model, state["weights"])
+    if device.type == "cpu":
+        merge_lora(model)
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return evaluate_on_test(model.eval(), tokenizer, processor, data, cfg, Path(cfg.evaluate).stem, output_dir)
+
+
 # --- Training -------------------------------------------------------------------------------------
 class JsonlLog:
     """training_log.jsonl: one JSON record per line, flushed at once so a disconnect loses nothing."""
@@ -594,7 +785,7 @@ def sample_captions(run, epoch, step):
 
     samples = run.samples
     captions = generate_captions(run.model, run.tokenizer, samples["pixel_values"].to(run.device),
-                                 run.cfg.max_new_tokens)
+                                 **decoding_settings(run.cfg))
     pairs = list(zip(samples["names"], captions, samples["references"]))
     tqdm.write(f"Sample captions after epoch {epoch} step {step}:\n"
                + "\n".join(f"  {name}: {caption!r}  (reference: {ref!r})" for name, caption, ref in pairs))
@@ -704,6 +895,19 @@ def sample_set(captions, names, image_dir, processor):
     return {"names": names, "references": [first[n] for n in names], "pixel_values": pixels}
 
 
+def prepare_data(cfg):
+    """Captions of the usable images, their folder, and the split (Karpathy's when its file is given)."""
+    csv_path, image_dir = find_dataset_files(cfg.data_dir or download_dataset(cfg.kaggle_dataset))
+    captions, left_out = drop_unusable_images(load_captions(csv_path), image_dir)
+    if cfg.karpathy_split_file:
+        splits, split_name = karpathy_split(cfg.karpathy_split_file, captions["image_name"]), "karpathy"
+    else:
+        splits = split_by_image(captions["image_name"], cfg.val_images, cfg.test_images, cfg.seed)
+        split_name = f"seeded (seed {cfg.seed})"
+    return types.SimpleNamespace(captions=captions, image_dir=image_dir, left_out=left_out, splits=splits,
+                                 split_name=split_name)
+
+
 def prepare_run(cfg):
     """Data, model, optimizer and schedule of a run, gathered in one namespace the stages share."""
     from transformers import get_linear_schedule_with_warmup, set_seed
@@ -714,9 +918,8 @@ def prepare_run(cfg):
     output_dir.mkdir(parents=True, exist_ok=True)
     resume = load_checkpoint(cfg.resume_from) if cfg.resume_from else None  # fail fast on a bad path
 
-    csv_path, image_dir = find_dataset_files(cfg.data_dir or download_dataset(cfg.kaggle_dataset))
-    captions, left_out = drop_unusable_images(load_captions(csv_path), image_dir)
-    splits = split_by_image(captions["image_name"], cfg.val_images, cfg.test_images, cfg.seed)
+    data = prepare_data(cfg)
+    captions, image_dir, splits = data.captions, data.image_dir, data.splits
     if not splits["train"]:
         raise Img2GPTError(f"too few images to train on ({len(set(captions['image_name']))})")
 
@@ -731,8 +934,8 @@ def prepare_run(cfg):
     scheduler = get_linear_schedule_with_warmup(optimizer, min(cfg.warmup_steps, total_steps // 2), total_steps)
     return types.SimpleNamespace(
         cfg=cfg, device=device, quantize=quantize, compute_dtype=compute_dtype, output_dir=output_dir,
-        model=model, tokenizer=tokenizer, model_config=model_config, datasets=datasets, splits=splits,
-        left_out=left_out, resume=resume, trainable=trainable, optimizer=optimizer, scheduler=scheduler,
+        model=model, tokenizer=tokenizer, processor=processor, model_config=model_config, data=data,
+        datasets=datasets, splits=splits, left_out=data.left_out, resume=resume, trainable=trainable, optimizer=optimizer, scheduler=scheduler,
         scaler=torch.amp.GradScaler(device.type, enabled=compute_dtype == torch.float16),
         samples=sample_set(captions, splits["val"][:cfg.num_sample_images], image_dir, processor),
         batches_per_epoch=batches_per_epoch, total_steps=total_steps, log=None)
@@ -773,6 +976,8 @@ def train(run):
 
 def main(argv=None):
     cfg = parse_config(CONSTANTS, argv, FLAG_ALIASES, __doc__)
+    if cfg.evaluate:
+        return evaluate_checkpoint(cfg)
     run = prepare_run(cfg)
     print_banner(run)
     run.log = JsonlLog(run.output_dir / "training_log.jsonl")
@@ -780,6 +985,9 @@ def main(argv=None):
         if run.left_out:
             run.log.write(type="left_out", images=run.left_out)
         train(run)
+        if cfg.eval_after_training and run.splits["test"]:
+            evaluate_on_test(run.model, run.tokenizer, run.processor, run.data, cfg,
+                             f"img2gpt_epoch_{cfg.num_epochs}", run.output_dir)
     except torch.cuda.OutOfMemoryError:
         raise Img2GPTError(f"CUDA ran out of memory at BATCH_SIZE {cfg.batch_size}: lower it (e.g. --batch-size "
                            f"{max(1, cfg.batch_size // 2)}) and --resume from img2gpt_last.pth") from None

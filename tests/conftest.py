@@ -169,5 +169,5 @@ def run_script(script, *args, cwd=None, timeout=600):
 def train_args(data_dir, models, output_dir, *extra):
     vit, gpt2 = models
     args = ["--data-dir", data_dir, "--vit-model", vit, "--gpt2-model", gpt2, "--output-dir", output_dir,
-            "--device", "cpu", "--num-workers", "0", "--warmup-steps", "0", *extra]
+            "--device", "cpu", "--num-workers", "0", "--warmup-steps", "0", "--no-eval-after-training", *extra]
     return [str(a) for a in args]

@@ -3,8 +3,6 @@
 import http.server
 import pickle
 import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -14,7 +12,7 @@ from PIL import Image
 
 import inference_script
 import training_script as ts
-from conftest import ROOT, build_tiny_models, run_script, train_args, write_png_header
+from conftest import build_tiny_models, run_script, train_args, write_png_header
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +182,7 @@ def test_every_bad_image_is_reported_and_the_good_ones_captioned(checkpoint, ser
         "ftp://example.com/x.jpg": "only http:// and https://",
         "file:///etc/passwd": "only http:// and https://",
         str(tmp_path / "nowhere.jpg"): "not found",
-        str(tmp_path / "folder.jpg"): "is a folder",
+        str(tmp_path / "folder.jpg"): "is a folder with no images",
         str(tmp_path / "truncated.jpg"): "not a readable image",
         str(tmp_path / "corrupt.jpg"): "not a readable image",
         str(tmp_path / "text.jpg"): "not an image in any format Pillow reads",

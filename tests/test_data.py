@@ -1,7 +1,6 @@
 """Data stages: the Kaggle layout and its CSV quirks, the split, images, captions and labels."""
 
 import shutil
-from pathlib import Path
 
 import pytest
 import torch

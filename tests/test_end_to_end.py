@@ -20,7 +20,8 @@ def trained(flickr_dir, tiny_models, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     result = run_script("training_script.py", *train_args(flickr_dir, tiny_models, out, "--epochs", "1",
                                                           "--batch-size", "8", "--eval-interval", "5",
-                                                          "--num-workers", "2"))  # as users run it
+                                                          "--num-workers", "2",  # as users run it
+                                                          "--eval-after-training"))
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result
 
@@ -54,6 +55,9 @@ def test_training_prints_progress_and_writes_checkpoint_and_log(trained):
     assert all(s["reference"] for s in samples[0]["samples"])
     (epoch,) = [r for r in records if r["type"] == "epoch"]
     assert epoch["epoch"] == 1 and epoch["train_loss"] > 0 and epoch["val_loss"] > 0
+    assert "Test split (seeded (seed 42), 2 images), img2gpt_epoch_1:" in result.stdout
+    scores = json.loads((out / "eval_img2gpt_epoch_1.json").read_text())
+    assert scores["test_images"] == 2 and len(scores["captions"]) == 2 and "CIDEr" in scores
 
 
 def test_checkpoint_opens_weights_only_without_frozen_weights(trained, tiny_models):
@@ -80,7 +84,7 @@ def check_result_blocks(stdout, sources):
 def test_inference_captions_a_url_and_a_path(trained, image_server, flickr_dir):
     url = f"{image_server}/1005.jpg"
     path = flickr_dir / "flickr30k_images" / "flickr30k_images" / "1006.jpg"
-    result = run_script("inference_script.py", "--weights", trained[0] / "img2gpt_epoch_1.pth",
+    result = run_script("inference_script.py", "--weights", trained[0] / "img2gpt_epoch_1.pth", "--batch-size", "1",
                         "--image", url, "--image", path, "--device", "cpu", "--max-new-tokens", "8")
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
@@ -147,3 +151,31 @@ def test_failed_download_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(kagglehub, "dataset_download", offline)
     with pytest.raises(ts.Img2GPTError, match="--data-dir"):
         ts.download_dataset(ts.KAGGLE_DATASET)
+
+
+def test_batches_folders_and_url_lists_keep_the_input_order(trained, flickr_dir, image_server, tmp_path, capsys):
+    import inference_script
+    from test_bad_input import cli
+
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    images = flickr_dir / "flickr30k_images" / "flickr30k_images"
+    for name in ("1010.jpg", "1011.jpg", "1012.jpg"):
+        (folder / name).write_bytes((images / name).read_bytes())
+    (folder / "notes.md").write_text("not an image, not listed")
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"# a comment\n{image_server}/1013.jpg\n\n{image_server}/missing.jpg\n{images / '1014.jpg'}\n")
+    expected = [str(folder / n) for n in ("1010.jpg", "1011.jpg", "1012.jpg")]
+    expected += [f"{image_server}/1013.jpg", f"{image_server}/missing.jpg", str(images / "1014.jpg"), str(images / "1015.jpg")]
+    common = ["--weights", trained[0] / "img2gpt_epoch_1.pth", "--device", "cpu", "--max-new-tokens", "6", "--json",
+              "--image", folder, "--image", listing, "--image", images / "1015.jpg"]
+    code, out, err = cli(capsys, inference_script, *common, "--batch-size", "3")
+    assert code == 1 and "error: 1 of 7 images could not be captioned" in err
+    records = [json.loads(line) for line in out.splitlines()]  # stdout holds only the records
+    assert [r["image"] for r in records] == expected
+    assert [r["error"] is None for r in records] == [True] * 4 + [False] + [True] * 2
+    assert "404" in records[4]["error"] and records[4]["caption"] is None
+    assert all(isinstance(r["caption"], str) for r in records if r["error"] is None)
+    assert "Step 4" in err and "Generating caption..." in err
+    _, alone, _ = cli(capsys, inference_script, *common, "--batch-size", "1")
+    assert [json.loads(line)["caption"] for line in alone.splitlines()] == [r["caption"] for r in records]

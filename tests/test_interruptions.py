@@ -2,7 +2,6 @@
 non-finite losses and CUDA out-of-memory stop cleanly."""
 
 import json
-import math
 import signal
 import subprocess
 import sys

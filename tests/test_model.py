@@ -144,3 +144,42 @@ def test_checkpoint_from_other_base_models_is_refused(tiny_models, tmp_path):
     _, _, _, config = ts.build_model(tiny_config(tiny_models), torch.device("cpu"))
     with pytest.raises(ts.Img2GPTError, match="projection_in is 768"):
         ts.build_model({**config, "projection_in": 768}, torch.device("cpu"))
+
+
+def randomized_model(models):
+    model, tokenizer, _, config = ts.build_model(tiny_config(models), torch.device("cpu"))
+    torch.manual_seed(0)
+    for param in model.parameters():  # LoRA B starts at zero: give the adapters something to merge
+        if param.requires_grad:
+            torch.nn.init.normal_(param, std=0.2)
+    return model.eval(), tokenizer
+
+
+def test_merged_lora_gives_the_same_outputs(tiny_models):
+    model, tokenizer = randomized_model(tiny_models)
+    pixels, batch = torch.rand(2, 3, 32, 32), ts.tokenize_captions(tokenizer, ["a red circle.", "one cat."], 16)
+    with torch.no_grad():
+        before = model(pixel_values=pixels, **batch).logits
+        ts.merge_lora(model)
+        after = model(pixel_values=pixels, **batch).logits
+    assert not any("lora_" in name for name, _ in model.named_parameters())
+    assert torch.allclose(before, after, atol=1e-4)
+
+
+def test_decoding_settings_reach_generate(tiny_models):
+    model, tokenizer = randomized_model(tiny_models)
+    pixels = torch.rand(3, 3, 32, 32)
+    greedy = ts.generate_captions(model, tokenizer, pixels, max_new_tokens=12)
+    beams = ts.generate_captions(model, tokenizer, pixels, max_new_tokens=12, num_beams=4)
+    assert len(greedy) == len(beams) == 3
+    seen = {}
+    generate = model.lm.generate
+    model.lm.generate = lambda **kwargs: seen.update(kwargs) or generate(**kwargs)
+    ts.generate_captions(model, tokenizer, pixels, max_new_tokens=5, num_beams=2, no_repeat_ngram_size=3,
+                         repetition_penalty=1.5)
+    assert (seen["max_new_tokens"], seen["num_beams"], seen["no_repeat_ngram_size"], seen["repetition_penalty"]) == (5, 2, 3, 1.5)
+    assert seen["eos_token_id"] == tokenizer.eos_token_id and seen["attention_mask"].shape == (3, 17)
+    cfg = ts.parse_config(ts.CONSTANTS, ["--num-beams", "3", "--no-repeat-ngram-size", "2",
+                                         "--repetition-penalty", "1.3", "--max-new-tokens", "9"], ts.FLAG_ALIASES)
+    assert ts.decoding_settings(cfg) == {"max_new_tokens": 9, "num_beams": 3, "no_repeat_ngram_size": 2,
+                                         "repetition_penalty": 1.3}

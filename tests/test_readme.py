@@ -36,6 +36,10 @@ def test_constant_tables_match_the_scripts(heading, module):
             assert default == "`cuda` if available, else `cpu`"
         else:
             assert ast.literal_eval(default.strip("`")) == value, name
+        if isinstance(value, bool):  # --flag / --no-flag
+            assert getattr(parse(module, [flag]), name.lower()) is True
+            assert getattr(parse(module, ["--no-" + flag[2:]]), name.lower()) is False
+            continue
         sample = "7" if isinstance(value, int) else "0.5" if isinstance(value, float) else "x"
         parsed = getattr(parse(module, [flag, sample]), name.lower())
         assert parsed in (7, 0.5, "x", ["x"]), (flag, parsed)
@@ -45,7 +49,7 @@ def test_readme_commands_parse():
     commands = re.findall(r"^\$? ?!?python ((?:training|inference)_script\.py.*)$", README, re.M)
     assert len(commands) >= 4
     for command in commands:
-        script, *argv = shlex.split(command)
+        script, *argv = shlex.split(command.split(" > ")[0])  # without a shell redirection
         parse(SCRIPTS[script], argv)  # an unknown or misspelled flag exits
 
 
@@ -60,6 +64,6 @@ def test_requirements_leave_torch_unpinned():
     requirements = (ROOT / "requirements.txt").read_text().splitlines()
     names = [re.split(r"[<>=!; ]", line, 1)[0] for line in requirements if line and not line.startswith("#")]
     assert names == ["torch", "torchvision", "transformers", "accelerate", "bitsandbytes", "peft", "kagglehub",
-                     "pandas", "tqdm", "requests", "Pillow"]
+                     "pandas", "tqdm", "requests", "Pillow", "pycocoevalcap"]
     torch_lines = [line for line in requirements if line.startswith("torch")]
     assert not any("==" in line or "<" in line for line in torch_lines)  # Colab keeps its CUDA build
