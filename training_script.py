@@ -14,6 +14,7 @@ import argparse
 import inspect
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -47,6 +48,7 @@ MAX_CAPTION_TOKENS = 40  # caption tokens trained on, EOS included; longer capti
 LORA_R = 8  # LoRA rank, on the ViT attention (query, value) and GPT-2 c_attn
 LORA_ALPHA = 16  # LoRA scaling numerator (scale = alpha / r)
 LORA_DROPOUT = 0.05  # dropout on the LoRA input
+PREFIX_POOL_GRID = 0  # average-pool the patch tokens to a G x G grid (+ CLS) for a shorter, faster prefix; 0: all
 
 # --- Training -------------------------------------------------------------------------------------
 BATCH_SIZE = 16  # captions per batch; 16 fits a 16 GB T4 in 4-bit
@@ -387,14 +389,17 @@ def make_loader(dataset, tokenizer, cfg, epoch=None, start=0):
 
 # --- Model ----------------------------------------------------------------------------------------
 class Img2GPT(nn.Module):
-    """ViT patch tokens -> Linear -> GPT-2 input embeddings, prepended to the caption as a prefix."""
+    """ViT patch tokens -> Linear -> GPT-2 input embeddings, prepended to the caption as a prefix.
+    With pool_grid G > 0 the patch grid is average-pooled to G x G first (1 + G*G prefix tokens)."""
 
-    def __init__(self, vision, lm, projection):
+    def __init__(self, vision, lm, projection, pool_grid=0):
         super().__init__()
-        self.vision, self.lm, self.projection = vision, lm, projection
+        self.vision, self.lm, self.projection, self.pool_grid = vision, lm, projection, pool_grid
 
     def prefix(self, pixel_values):
         hidden = self.vision(pixel_values=pixel_values).last_hidden_state  # (B, 1 + patches, vit_hidden)
+        if self.pool_grid:
+            hidden = pool_patches(hidden, self.pool_grid)  # (B, 1 + G*G, vit_hidden)
         prefix = self.projection(hidden.to(self.projection.weight.dtype))  # (B, P, lm_hidden)
         return prefix.to(self.lm.get_input_embeddings().weight.dtype)
 
@@ -406,6 +411,18 @@ class Img2GPT(nn.Module):
         if labels is not None:  # GPT2LMHeadModel shifts labels itself; prefix positions are never targets
             labels = torch.cat([labels.new_full((batch, length), -100), labels], dim=1)
         return self.lm(inputs_embeds=embeds, attention_mask=mask, labels=labels)
+
+
+def pool_patches(hidden, grid):
+    """CLS plus the square patch grid average-pooled to grid x grid: fewer tokens for GPT-2 to read."""
+    cls, patches = hidden[:, :1], hidden[:, 1:]
+    side = math.isqrt(patches.shape[1])
+    if side * side != patches.shape[1] or grid > side:
+        raise Img2GPTError(f"PREFIX_POOL_GRID {grid} needs a square patch grid of at least {grid} x {grid}; "
+                           f"this encoder gives {patches.shape[1]} patch tokens")
+    batch, _, width = patches.shape
+    pooled = nn.functional.adaptive_avg_pool2d(patches.transpose(1, 2).reshape(batch, width, side, side), grid)
+    return torch.cat([cls, pooled.flatten(2).transpose(1, 2)], dim=1)
 
 
 def find_lora_targets(model, names=LORA_TARGET_NAMES):
@@ -472,7 +489,7 @@ def model_config_from(cfg):
     """The part of the run config that rebuilds the model; stored in every checkpoint."""
     return {"vit_model": cfg.vit_model_name, "gpt2_model": cfg.gpt2_model_name, "lora_r": cfg.lora_r,
             "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
-            "max_caption_tokens": cfg.max_caption_tokens}
+            "max_caption_tokens": cfg.max_caption_tokens, "prefix_pool_grid": cfg.prefix_pool_grid}
 
 
 def build_model(model_config, device, announce=lambda step: None):
@@ -497,7 +514,8 @@ def build_model(model_config, device, announce=lambda step: None):
             raise Img2GPTError(f"checkpoint {key} is {config[key]} but the base models give {size}: "
                                "use the base models it was trained with (--vit-model / --gpt2-model)")
     projection = nn.Linear(*sizes.values()).to(device)  # full precision: GradScaler needs fp32 trainable weights
-    return Img2GPT(vision, lm, projection), tokenizer, processor, config
+    config.setdefault("prefix_pool_grid", 0)  # checkpoints from before the option used every token
+    return Img2GPT(vision, lm, projection, config["prefix_pool_grid"]), tokenizer, processor, config
 
 
 @torch.inference_mode()

@@ -26,6 +26,7 @@ import training_script as ts  # noqa: E402
 
 NEW_TOKENS = 20
 REPEATS = 5
+POOLED_GRID = 4  # the PREFIX_POOL_GRID option measured beside the default: 1 + 16 prefix tokens instead of 197
 
 
 def median_time(function, repeats):
@@ -48,7 +49,7 @@ def configs(smoke):
     return ViTConfig(), GPT2Config()  # ViT-B/16 at 224 (197 tokens x 768) and GPT-2 small (124M)
 
 
-def build_img2gpt(vit_config, gpt2_config, merged=True):
+def build_img2gpt(vit_config, gpt2_config, merged=True, pool_grid=0):
     """Img2GPT as inference runs it on a CPU (LoRA merged into the base weights), or as training runs it."""
     from transformers import GPT2LMHeadModel, ViTModel
 
@@ -57,7 +58,7 @@ def build_img2gpt(vit_config, gpt2_config, merged=True):
     lora = (ts.LORA_R, ts.LORA_ALPHA, ts.LORA_DROPOUT)
     model = ts.Img2GPT(ts.apply_lora(vision, ts.find_lora_targets(vision), *lora),
                        ts.apply_lora(lm, ts.find_lora_targets(lm), *lora),
-                       torch.nn.Linear(vit_config.hidden_size, gpt2_config.n_embd))
+                       torch.nn.Linear(vit_config.hidden_size, gpt2_config.n_embd), pool_grid)
     return ts.merge_lora(model).eval() if merged else model
 
 
@@ -168,10 +169,14 @@ def main():
     tokenizer = fixed_length_tokenizer(eos)
     one, eight = torch.rand(1, 3, size, size), torch.rand(8, 3, size, size)
 
+    pool_grid = 2 if args.smoke else POOLED_GRID
+    pooled = build_img2gpt(vit_config, gpt2_config, pool_grid=pool_grid)
     latency = caption_time(model, tokenizer, one, repeats)
     peer_latency = peer_time(peer, one, eos, repeats)
     floor = floor_time(model, one, repeats)
     batch8 = caption_time(model, tokenizer, eight, repeats)
+    pooled_latency = caption_time(pooled, tokenizer, one, repeats)
+    pooled_batch8 = caption_time(pooled, tokenizer, eight, repeats)
     pipeline, decode = data_pipeline(size, 8 if args.smoke else 64, repeats)
     training_model = build_img2gpt(vit_config, gpt2_config, merged=False)
     checkpoint_bytes, full_bytes = sizes(training_model)
@@ -188,6 +193,10 @@ def main():
          f"floor (ViT + prefill + {NEW_TOKENS - 1} cached steps): {floor:.3f} s", f"{latency / floor:.2f}x"),
         ("captions/s, batch 1", f"{1 / latency:.2f}", "", ""),
         ("captions/s, batch 8", f"{8 / batch8:.2f}", "batch 1", f"{latency * 8 / batch8:.2f}x"),
+        (f"option PREFIX_POOL_GRID={pool_grid}: caption latency, 1 image", f"{pooled_latency:.3f} s",
+         f"VisionEncoderDecoder peer: {peer_latency:.3f} s", f"{pooled_latency / peer_latency:.2f}x"),
+        (f"option PREFIX_POOL_GRID={pool_grid}: captions/s, batch 8", f"{8 / pooled_batch8:.2f}",
+         f"same option, batch 1: {1 / pooled_latency:.2f}", f"{pooled_latency * 8 / pooled_batch8:.2f}x"),
         (f"data pipeline images/s (decode, RGB, preprocess; {ts.NUM_WORKERS} workers)", f"{pipeline:.1f}",
          f"JPEG decoding alone, 1 process: {decode:.1f}/s", f"{pipeline / decode:.2f}x"),
         ("checkpoint size", f"{checkpoint_bytes / 1e6:.2f} MB", f"full state_dict: {full_bytes / 1e6:.1f} MB",

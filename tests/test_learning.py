@@ -3,18 +3,21 @@
 import random
 import re
 
+import pytest
+
 from conftest import COLORS, SHAPES, draw_shape, make_flickr_folder, run_script, train_args
 
 UNSEEN_PER_COLOR = 8
 CHANCE = 1 / len(COLORS)
 
 
-def test_captions_of_unseen_pictures_name_their_color(tiny_models, tmp_path):
+@pytest.mark.parametrize("pool_grid", [0, 2], ids=["all-prefix-tokens", "pooled-prefix"])
+def test_captions_of_unseen_pictures_name_their_color(tiny_models, tmp_path, pool_grid):
     make_flickr_folder(tmp_path / "data", 96, seed=1, quirks=False)
     out = tmp_path / "out"
     result = run_script("training_script.py", *train_args(
         tmp_path / "data", tiny_models, out, "--epochs", "20", "--batch-size", "16", "--learning-rate", "1e-2",
-        "--lora-r", "16", "--eval-interval", "0"))
+        "--lora-r", "16", "--eval-interval", "0", "--prefix-pool-grid", str(pool_grid)))
     assert result.returncode == 0, result.stderr[-3000:]
 
     rng = random.Random(1234)  # new positions, sizes and color/shape pairs, never in the training folder

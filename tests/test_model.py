@@ -183,3 +183,28 @@ def test_decoding_settings_reach_generate(tiny_models):
                                          "--repetition-penalty", "1.3", "--max-new-tokens", "9"], ts.FLAG_ALIASES)
     assert ts.decoding_settings(cfg) == {"max_new_tokens": 9, "num_beams": 3, "no_repeat_ngram_size": 2,
                                          "repetition_penalty": 1.3}
+
+
+def test_pool_patches_averages_the_patch_grid():
+    hidden = torch.arange(2 * 17 * 3, dtype=torch.float32).reshape(2, 17, 3)  # CLS + a 4x4 grid of patches
+    pooled = ts.pool_patches(hidden, 2)
+    assert pooled.shape == (2, 5, 3)
+    assert torch.equal(pooled[:, 0], hidden[:, 0])  # CLS kept as it is
+    top_left = hidden[:, 1:][:, [0, 1, 4, 5]].mean(dim=1)  # patches (0,0), (0,1), (1,0), (1,1)
+    assert torch.allclose(pooled[:, 1], top_left)
+    with pytest.raises(ts.Img2GPTError, match="square patch grid"):
+        ts.pool_patches(torch.zeros(1, 1 + 12, 3), 2)
+
+
+def test_pooled_prefix_is_stored_and_rebuilt(tiny_models, tmp_path):
+    model, tokenizer, _, config = ts.build_model(tiny_config(tiny_models, prefix_pool_grid=2), torch.device("cpu"))
+    assert model.prefix(torch.rand(1, 3, 32, 32)).shape == (1, 5, 32)
+    ts.save_checkpoint(tmp_path / "pooled.pth", model, config, {"epoch": 1})
+    state = ts.load_checkpoint(tmp_path / "pooled.pth")
+    assert state["config"]["prefix_pool_grid"] == 2
+    rebuilt, _, _, _ = ts.build_model(state["config"], torch.device("cpu"))
+    assert rebuilt.pool_grid == 2
+    legacy = {k: v for k, v in state["config"].items() if k != "prefix_pool_grid"}  # older checkpoints
+    assert ts.build_model(legacy, torch.device("cpu"))[0].pool_grid == 0
+    captions = ts.generate_captions(rebuilt, tokenizer, torch.rand(2, 3, 32, 32), max_new_tokens=4)
+    assert len(captions) == 2
