@@ -127,7 +127,8 @@ def load_model(weights_path, device, vit_model=None, gpt2_model=None, say=print)
     config = dict(state["config"])
     config["vit_model"] = vit_model or config["vit_model"]
     config["gpt2_model"] = gpt2_model or config["gpt2_model"]
-    steps = {1: f"Loading tokenizer and base models ({'with 4-bit quantization' if device.type == 'cuda' else 'in full precision'})...",
+    precision = "with 4-bit quantization" if device.type == "cuda" else "in full precision"
+    steps = {1: f"Loading tokenizer and base models ({precision})...",
              2: "Applying the exact same LoRA configurations...",
              3: "Initializing the combined Img2GPT model..."}
     model, tokenizer, processor, _ = build_model(config, device, announce=lambda n: say(f"Step {n}: {steps[n]}"))

@@ -58,7 +58,7 @@ WARMUP_STEPS = 100  # batches of linear warm-up, then linear decay to 0
 EVAL_INTERVAL = 500  # batches between sample-caption rounds (0: none)
 NUM_SAMPLE_IMAGES = 4  # validation images captioned at each round (the same ones every time)
 
-# --- Decoding (sample captions and evaluation) and evaluation -------------------------------------
+# --- Decoding (sample captions and evaluation) and evaluation ------------------------------------
 MAX_NEW_TOKENS = 30  # longest caption, in tokens (generation also stops at EOS)
 NUM_BEAMS = 1  # 1: greedy; more: beam search
 NO_REPEAT_NGRAM_SIZE = 0  # never repeat an n-gram of this many tokens (0: off)
@@ -102,12 +102,16 @@ class Img2GPTError(Exception):
 
 
 # --- Configuration --------------------------------------------------------------------------------
-def parse_config(constants, argv=None, aliases=None, description=None, repeatable=(), script=__file__):
+def parse_config(constants, argv=None, aliases=None, description=None, repeatable=(),
+                 script=globals().get("__file__")):
     """Turn the constants block into flags (BATCH_SIZE -> --batch-size); returns a namespace of lowercase names.
 
     The comment beside each constant is its --help text, so defaults and help are written once.
     """
-    helps = dict(re.findall(r"^([A-Z][A-Z0-9_]*) = .*?#\s*(.+)$", Path(script).read_text(), re.M))
+    if argv is None and "ipykernel" in sys.modules:
+        argv = []  # pasted into a notebook cell: the kernel's own argv is not ours; the constants decide
+    source = Path(script).read_text(encoding="utf-8") if script else ""  # a notebook cell has no file
+    helps = dict(re.findall(r"^([A-Z][A-Z0-9_]*) = .*?#\s*(.+)$", source, re.M))
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, default in constants.items():
         flags = ["--" + name.lower().replace("_", "-")]
@@ -188,8 +192,9 @@ def find_dataset_files(data_dir):
         raise Img2GPTError(f"no results.csv found in '{data_dir}' or the 3 folder levels below it")
     csv_path = csvs[0]
     candidates = [csv_path.parent / "flickr30k_images" / "flickr30k_images", csv_path.parent / "flickr30k_images",
-                  csv_path.parent, *sorted(p.parent for p in root.glob("**/*.jpg"))[:1]]
-    image_dir = next((d for d in candidates if d.is_dir() and any(d.glob("*.jpg"))), None)
+                  csv_path.parent]
+    image_dir = (next((d for d in candidates if d.is_dir() and any(d.glob("*.jpg"))), None)
+                 or next((p.parent for p in root.rglob("*.jpg")), None))  # any other layout: the first .jpg
     if image_dir is None:
         raise Img2GPTError(f"no .jpg images found next to or below '{csv_path}'")
     return csv_path, image_dir
@@ -251,8 +256,7 @@ def drop_unusable_images(captions, image_dir):
                            desc="checking images", leave=False))
     bad = {name for name, ok in zip(names, usable) if not ok}
     if bad:
-        print(f"Left out {len(bad)} of {len(names)} images: missing or unreadable (e.g. {sorted(bad)[0]}; "
-              "all listed in training_log.jsonl)")
+        print(f"Left out {len(bad)} of {len(names)} images: missing or unreadable (e.g. {sorted(bad)[0]})")
     kept = captions[~captions["image_name"].isin(bad)].reset_index(drop=True)
     if kept.empty:
         raise Img2GPTError(f"none of the {len(names)} images listed in results.csv could be read in '{image_dir}'")
@@ -518,7 +522,6 @@ def build_model(model_config, device, announce=lambda step: None):
     return Img2GPT(vision, lm, projection, config["prefix_pool_grid"]), tokenizer, processor, config
 
 
-@torch.inference_mode()
 def decoding_settings(cfg):
     """The generate() settings of a run, the same for sample captions, evaluation and inference."""
     return {"max_new_tokens": cfg.max_new_tokens, "num_beams": cfg.num_beams,
@@ -579,26 +582,26 @@ def caption_sources(model, tokenizer, processor, sources, open_image, batch_size
     up to two batches ahead while the model captions the current batch. on_batch(sources) runs before each
     batch is generated."""
     device = model.projection.weight.device
-    window = []
 
-    def flush():
-        good = [pixels for _, pixels in window if not isinstance(pixels, Exception)]
+    def caption(window):
+        good = [(source, pixels) for source, pixels in window if not isinstance(pixels, Exception)]
         if on_batch:
-            on_batch([source for source, pixels in window if not isinstance(pixels, Exception)])
-        captions = iter(generate_captions(model, tokenizer, torch.stack(good).to(device), **decoding) if good else [])
-        results = [(source, pixels if isinstance(pixels, Exception) else next(captions)) for source, pixels in window]
-        window.clear()
-        return results
+            on_batch([source for source, _ in good])
+        pixels = torch.stack([p for _, p in good]).to(device) if good else None
+        captions = iter(generate_captions(model, tokenizer, pixels, **decoding) if good else [])
+        return [(source, result if isinstance(result, Exception) else next(captions)) for source, result in window]
 
     def load(source):
         return preprocess(processor, [open_image(source)])[0]
 
-    for source, pixels in prefetch(load, sources, ahead=2 * batch_size):
-        window.append((source, pixels))
+    window = []
+    for item in prefetch(load, sources, ahead=2 * batch_size):
+        window.append(item)
         if len(window) == batch_size:
-            yield from flush()
+            yield from caption(window)
+            window = []
     if window:
-        yield from flush()
+        yield from caption(window)
 
 
 # --- Checkpoints ----------------------------------------------------------------------------------
@@ -862,20 +865,20 @@ def train_one_epoch(run, epoch, start_step=0, loss_sum=0.0, loss_count=0):
             batch = {key: value.to(run.device, non_blocking=True) for key, value in batch.items()}
             with autocast(run.device, run.compute_dtype):
                 loss = model(**batch).loss
-            if torch.isfinite(loss):
+            value = loss.item()
+            if math.isfinite(value):
                 run.scaler.scale(loss).backward()
                 run.scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(run.trainable, 1.0)
                 run.scaler.step(optimizer)
                 run.scaler.update()
-                bad_in_row, loss_sum, loss_count = 0, loss_sum + loss.item(), loss_count + 1
-                bar.set_postfix(loss=f"{loss.item():.4f}")
-                run.log.write(type="batch", epoch=epoch, step=step, loss=loss.item(),
-                              lr=run.scheduler.get_last_lr()[0])
+                bad_in_row, loss_sum, loss_count = 0, loss_sum + value, loss_count + 1
+                bar.set_postfix(loss=f"{value:.4f}")
+                run.log.write(type="batch", epoch=epoch, step=step, loss=value, lr=run.scheduler.get_last_lr()[0])
             else:
                 bad_in_row += 1
-                run.log.write(type="nonfinite", epoch=epoch, step=step, loss=str(loss.item()))
-                tqdm.write(f"Skipped batch {step} of epoch {epoch}: loss is {loss.item()}")
+                run.log.write(type="nonfinite", epoch=epoch, step=step, loss=str(value))
+                tqdm.write(f"Skipped batch {step} of epoch {epoch}: loss is {value}")
                 if bad_in_row >= cfg.max_bad_batches:
                     raise Img2GPTError(f"{bad_in_row} non-finite losses in a row at epoch {epoch} step {step}: "
                                        "training stopped; lower --learning-rate and --resume from the last "
@@ -953,7 +956,8 @@ def prepare_run(cfg):
     return types.SimpleNamespace(
         cfg=cfg, device=device, quantize=quantize, compute_dtype=compute_dtype, output_dir=output_dir,
         model=model, tokenizer=tokenizer, processor=processor, model_config=model_config, data=data,
-        datasets=datasets, splits=splits, left_out=data.left_out, resume=resume, trainable=trainable, optimizer=optimizer, scheduler=scheduler,
+        datasets=datasets, splits=splits, left_out=data.left_out, resume=resume, trainable=trainable,
+        optimizer=optimizer, scheduler=scheduler,
         scaler=torch.amp.GradScaler(device.type, enabled=compute_dtype == torch.float16),
         samples=sample_set(captions, splits["val"][:cfg.num_sample_images], image_dir, processor),
         batches_per_epoch=batches_per_epoch, total_steps=total_steps, log=None)
@@ -1007,8 +1011,8 @@ def main(argv=None):
             evaluate_on_test(run.model, run.tokenizer, run.processor, run.data, cfg,
                              f"img2gpt_epoch_{cfg.num_epochs}", run.output_dir)
     except torch.cuda.OutOfMemoryError:
-        raise Img2GPTError(f"CUDA ran out of memory at BATCH_SIZE {cfg.batch_size}: lower it (e.g. --batch-size "
-                           f"{max(1, cfg.batch_size // 2)}) and --resume from img2gpt_last.pth") from None
+        raise Img2GPTError(f"CUDA ran out of memory at BATCH_SIZE {cfg.batch_size}: start again with a smaller "
+                           f"--batch-size (e.g. {max(1, cfg.batch_size // 2)})") from None
     finally:
         run.log.close()
 

@@ -16,7 +16,8 @@ def test_benchmark_smoke_mode_prints_the_table():
     labels = [row.split(" | ")[0].lstrip("| ") for row in rows[1:]]
     assert labels == ["caption latency, 1 image", "caption latency, 1 image", "captions/s, batch 1",
                       "captions/s, batch 8", "option PREFIX_POOL_GRID=2: caption latency, 1 image",
-                      "option PREFIX_POOL_GRID=2: captions/s, batch 8", "data pipeline images/s (decode, RGB, preprocess; 2 workers)",
+                      "option PREFIX_POOL_GRID=2: captions/s, batch 8",
+                      "data pipeline images/s (decode, RGB, preprocess; 2 workers)",
                       "checkpoint size", "training images/s, batch 8, fp32 LoRA"]
     for row in rows[1:]:
         value = row.split(" | ")[1]

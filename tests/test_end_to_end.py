@@ -166,7 +166,8 @@ def test_batches_folders_and_url_lists_keep_the_input_order(trained, flickr_dir,
     listing = tmp_path / "list.txt"
     listing.write_text(f"# a comment\n{image_server}/1013.jpg\n\n{image_server}/missing.jpg\n{images / '1014.jpg'}\n")
     expected = [str(folder / n) for n in ("1010.jpg", "1011.jpg", "1012.jpg")]
-    expected += [f"{image_server}/1013.jpg", f"{image_server}/missing.jpg", str(images / "1014.jpg"), str(images / "1015.jpg")]
+    expected += [f"{image_server}/1013.jpg", f"{image_server}/missing.jpg", str(images / "1014.jpg"),
+                 str(images / "1015.jpg")]
     common = ["--weights", trained[0] / "img2gpt_epoch_1.pth", "--device", "cpu", "--max-new-tokens", "6", "--json",
               "--image", folder, "--image", listing, "--image", images / "1015.jpg"]
     code, out, err = cli(capsys, inference_script, *common, "--batch-size", "3")
@@ -179,3 +180,24 @@ def test_batches_folders_and_url_lists_keep_the_input_order(trained, flickr_dir,
     assert "Step 4" in err and "Generating caption..." in err
     _, alone, _ = cli(capsys, inference_script, *common, "--batch-size", "1")
     assert [json.loads(line)["caption"] for line in alone.splitlines()] == [r["caption"] for r in records]
+
+
+def test_script_runs_pasted_into_a_notebook_cell(flickr_dir, tiny_models, tmp_path, monkeypatch):
+    """A notebook cell has no __file__ and a kernel argv that is not ours: the edited constants decide."""
+    import re
+    import sys
+    import types
+
+    from conftest import ROOT
+
+    edits = {"DATA_DIR": str(flickr_dir), "VIT_MODEL_NAME": str(tiny_models[0]),
+             "GPT2_MODEL_NAME": str(tiny_models[1]), "OUTPUT_DIR": str(tmp_path), "DEVICE_CHOICE": "cpu",
+             "NUM_WORKERS": 0, "NUM_EPOCHS": 1, "WARMUP_STEPS": 0, "EVAL_INTERVAL": 0, "EVAL_AFTER_TRAINING": False}
+    cell = (ROOT / "training_script.py").read_text()
+    for name, value in edits.items():  # what a user does: edit the constants at the top of the cell
+        cell, count = re.subn(rf"^{name} = .*?  #", f"{name} = {value!r}  #", cell, count=1, flags=re.M)
+        assert count == 1, name
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "/root/.local/kernel-1.json"])
+    exec(compile(cell, "<notebook cell>", "exec"), {"__name__": "__main__"})
+    assert (tmp_path / "img2gpt_epoch_1.pth").is_file()

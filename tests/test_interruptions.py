@@ -70,7 +70,8 @@ def test_killed_run_resumes_from_its_last_save(tiny_models, tmp_path):
     start_level = sum(before[(1, s)] for s in (1, 2, 3)) / 3
     last_before = sum(before[(saved_at[0], saved_at[1] - i)] for i in range(3)) / 3
     first_after = sum(after[(saved_at[0], saved_at[1] + 1 + i)] for i in range(3)) / 3
-    print(f"\nloss: first 3 batches {start_level:.3f}, last 3 before the save {last_before:.3f}, first 3 resumed {first_after:.3f}; saved at {saved_at}, {len(lost)} batches redone")
+    print(f"\nloss: first 3 batches {start_level:.3f}, last 3 before the save {last_before:.3f}, "
+          f"first 3 resumed {first_after:.3f}; saved at {saved_at}, {len(lost)} batches redone")
     # Close to where it stopped, not back at the level the run started from.
     assert abs(first_after - last_before) < 0.2 * abs(first_after - start_level), (start_level, last_before, first_after)
     epochs = [r["epoch"] for r in read_log(log) if r["type"] == "epoch"]
@@ -160,7 +161,7 @@ def test_cuda_out_of_memory_names_batch_size(small_run, monkeypatch, capsys):
 
     monkeypatch.setattr(ts.Img2GPT, "forward", out_of_memory)
     code, _, err = cli(capsys, ts, *small_run[1])
-    assert code == 1 and "BATCH_SIZE 8" in one_error_line(err) and "--batch-size 4" in err
+    assert code == 1 and "BATCH_SIZE 8" in one_error_line(err) and "--batch-size (e.g. 4)" in err
 
 
 def test_resume_refuses_an_epoch_file_and_a_changed_batch_size(small_run, capsys):

@@ -177,7 +177,8 @@ def test_decoding_settings_reach_generate(tiny_models):
     model.lm.generate = lambda **kwargs: seen.update(kwargs) or generate(**kwargs)
     ts.generate_captions(model, tokenizer, pixels, max_new_tokens=5, num_beams=2, no_repeat_ngram_size=3,
                          repetition_penalty=1.5)
-    assert (seen["max_new_tokens"], seen["num_beams"], seen["no_repeat_ngram_size"], seen["repetition_penalty"]) == (5, 2, 3, 1.5)
+    settings = ("max_new_tokens", "num_beams", "no_repeat_ngram_size", "repetition_penalty")
+    assert tuple(seen[k] for k in settings) == (5, 2, 3, 1.5)
     assert seen["eos_token_id"] == tokenizer.eos_token_id and seen["attention_mask"].shape == (3, 17)
     cfg = ts.parse_config(ts.CONSTANTS, ["--num-beams", "3", "--no-repeat-ngram-size", "2",
                                          "--repetition-penalty", "1.3", "--max-new-tokens", "9"], ts.FLAG_ALIASES)
