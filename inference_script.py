@@ -18,9 +18,8 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from training_script import (IMAGE_ERRORS, Img2GPTError, build_model, caption_sources, decoding_settings,
-                             load_checkpoint, load_image, load_trained_weights, merge_lora, parse_config,
-                             resolve_device, run_cli)
+from training_script import (IMAGE_ERRORS, Img2GPTError, caption_sources, decoding_settings, load_checkpoint,
+                             load_image, parse_config, rebuild_from_checkpoint, resolve_device, run_cli)
 
 # --- What to caption ------------------------------------------------------------------------------
 MODEL_WEIGHTS_PATH = "img2gpt_epoch_3.pth"  # checkpoint written by training_script.py
@@ -124,21 +123,14 @@ def fetch_image(source, timeout, max_bytes):
 def load_model(weights_path, device, vit_model=None, gpt2_model=None, say=print):
     """Rebuild the trained model from the checkpoint's config, printing the original design's Step lines."""
     state = load_checkpoint(weights_path)
-    config = dict(state["config"])
-    config["vit_model"] = vit_model or config["vit_model"]
-    config["gpt2_model"] = gpt2_model or config["gpt2_model"]
     precision = "with 4-bit quantization" if device.type == "cuda" else "in full precision"
     steps = {1: f"Loading tokenizer and base models ({precision})...",
              2: "Applying the exact same LoRA configurations...",
-             3: "Initializing the combined Img2GPT model..."}
-    model, tokenizer, processor, _ = build_model(config, device, announce=lambda n: say(f"Step {n}: {steps[n]}"))
-    say(f"Step 4: Loading trained weights from '{weights_path}'...")
-    load_trained_weights(model, state["weights"])
-    if device.type == "cpu":
-        merge_lora(model)
-    model.eval()
+             3: "Initializing the combined Img2GPT model...",
+             4: f"Loading trained weights from '{weights_path}'..."}
+    model = rebuild_from_checkpoint(state, device, vit_model, gpt2_model, lambda n: say(f"Step {n}: {steps[n]}"))
     say("Model successfully built and ready for inference!")
-    return model, tokenizer, processor
+    return model
 
 
 def announce_batch(sources, say):

@@ -682,6 +682,21 @@ def load_trained_weights(model, weights):
     model.projection.load_state_dict(weights["projection"])
 
 
+def rebuild_from_checkpoint(state, device, vit_model=None, gpt2_model=None, announce=lambda step: None):
+    """(model, tokenizer, processor) of a loaded checkpoint, ready to caption: rebuilt from its own config
+    (vit_model / gpt2_model replace the base model names in it when given), trained weights loaded, and on
+    a CPU the LoRAs merged. announce(1..4) is called before each stage."""
+    config = dict(state["config"])
+    config["vit_model"] = vit_model or config["vit_model"]
+    config["gpt2_model"] = gpt2_model or config["gpt2_model"]
+    model, tokenizer, processor, _ = build_model(config, device, announce)
+    announce(4)
+    load_trained_weights(model, state["weights"])
+    if device.type == "cpu":
+        merge_lora(model)
+    return model.eval(), tokenizer, processor
+
+
 # --- Evaluation -----------------------------------------------------------------------------------
 def coco_tokenize(text):
     """Lowercase words with punctuation dropped and clitics split off ("dog's" -> "dog 's"), as the COCO
@@ -762,20 +777,14 @@ def evaluate_checkpoint(cfg):
     """--evaluate PATH: score a saved checkpoint on the test split without training."""
     state = load_checkpoint(cfg.evaluate)
     device = resolve_device(cfg.device_choice)
-    config = dict(state["config"])
-    # Other copies of the base models (e.g. local folders) replace the names in the checkpoint when given.
-    if cfg.vit_model_name != VIT_MODEL_NAME:
-        config["vit_model"] = cfg.vit_model_name
-    if cfg.gpt2_model_name != GPT2_MODEL_NAME:
-        config["gpt2_model"] = cfg.gpt2_model_name
     data = prepare_data(cfg)
-    model, tokenizer, processor, _ = build_model(config, device)
-    load_trained_weights(model, state["weights"])
-    if device.type == "cpu":
-        merge_lora(model)
+    # --vit-model / --gpt2-model, when set, name other copies of the base models (e.g. local folders).
+    model, tokenizer, processor = rebuild_from_checkpoint(
+        state, device, cfg.vit_model_name if cfg.vit_model_name != VIT_MODEL_NAME else None,
+        cfg.gpt2_model_name if cfg.gpt2_model_name != GPT2_MODEL_NAME else None)
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    return evaluate_on_test(model.eval(), tokenizer, processor, data, cfg, Path(cfg.evaluate).stem, output_dir)
+    return evaluate_on_test(model, tokenizer, processor, data, cfg, Path(cfg.evaluate).stem, output_dir)
 
 
 # --- Training -------------------------------------------------------------------------------------
