@@ -49,6 +49,7 @@ LORA_R = 8  # LoRA rank, on the ViT attention (query, value) and GPT-2 c_attn
 LORA_ALPHA = 16  # LoRA scaling numerator (scale = alpha / r)
 LORA_DROPOUT = 0.05  # dropout on the LoRA input
 PREFIX_POOL_GRID = 0  # average-pool the patch tokens to a G x G grid (+ CLS) for a shorter, faster prefix; 0: all
+PROJECTOR = "linear"  # bridge from vision to LM: "linear" (the original design) or "mlp" (Linear-GELU-Linear)
 
 # --- Training -------------------------------------------------------------------------------------
 BATCH_SIZE = 16  # captions per batch; 16 fits a 16 GB T4 in 4-bit
@@ -84,9 +85,11 @@ FLAG_ALIASES = {
     "RESUME_FROM": "--resume",
 }
 
-# Leaf names of the attention projections LoRA adapts, across naming schemes: ViT since transformers 5.9
-# (q_proj, v_proj), older ViT (query, value), GPT-2 (c_attn: q, k and v in one Conv1D), Llama-style LMs.
-LORA_TARGET_NAMES = ("q_proj", "v_proj", "query", "value", "c_attn")
+# Leaf names of the attention projections LoRA adapts (query and value, or the fused qkv), across naming
+# schemes: ViT since transformers 5.9, DINOv2, CLIP/SigLIP vision, Llama, Mistral, Qwen (q_proj, v_proj),
+# older ViT (query, value), GPT-2 (c_attn: q, k and v in one Conv1D), Phi-3 (qkv_proj), GPT-NeoX.
+LORA_TARGET_NAMES = ("q_proj", "v_proj", "query", "value", "c_attn", "qkv_proj", "query_key_value")
+PROJECTORS = ("linear", "mlp")
 CHECKPOINT_FORMAT = "img2gpt-v1"
 MODEL_CONFIG_KEYS = ("vit_model", "gpt2_model", "lora_r", "lora_alpha", "lora_dropout", "max_caption_tokens",
                      "vision_lora_targets", "lm_lora_targets", "projection_in", "projection_out")
@@ -404,7 +407,7 @@ class Img2GPT(nn.Module):
         hidden = self.vision(pixel_values=pixel_values).last_hidden_state  # (B, 1 + patches, vit_hidden)
         if self.pool_grid:
             hidden = pool_patches(hidden, self.pool_grid)  # (B, 1 + G*G, vit_hidden)
-        prefix = self.projection(hidden.to(self.projection.weight.dtype))  # (B, P, lm_hidden)
+        prefix = self.projection(hidden.to(next(self.projection.parameters()).dtype))  # (B, P, lm_hidden)
         return prefix.to(self.lm.get_input_embeddings().weight.dtype)
 
     def forward(self, pixel_values, input_ids, attention_mask, labels=None):
@@ -442,7 +445,9 @@ def find_lora_targets(model, names=LORA_TARGET_NAMES):
 
 
 def load_base_models(vit_name, lm_name, device, quantize, compute_dtype):
-    """(vision, lm, tokenizer, processor) from the hub or local folders; 4-bit on CUDA."""
+    """(vision, lm, tokenizer, processor) from the hub or local folders; 4-bit on CUDA. The vision model is
+    any transformers encoder with last_hidden_state (the vision tower of a CLIP or SigLIP checkpoint is used);
+    the LM is any AutoModelForCausalLM."""
     from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -453,9 +458,11 @@ def load_base_models(vit_name, lm_name, device, quantize, compute_dtype):
         raise Img2GPTError(f"could not load base model files ({exc})") from None
     if tokenizer.pad_token is None:  # GPT-2 has none; labels come from the attention mask, so EOS is safe
         tokenizer.pad_token = tokenizer.eos_token
+    # A CLIP or SigLIP checkpoint holds a text tower too: load only its vision model class.
+    vision_class = AutoModel._model_mapping[type(getattr(vision_config, "vision_config", vision_config))]
     vision_kwargs, lm_kwargs = {}, {}
     # ViT's pooler is never used: without it nothing unused gets quantized or trained.
-    if "add_pooling_layer" in inspect.signature(AutoModel._model_mapping[type(vision_config)]).parameters:
+    if "add_pooling_layer" in inspect.signature(vision_class).parameters:
         vision_kwargs["add_pooling_layer"] = False
     for kwargs in (vision_kwargs, lm_kwargs):
         if quantize:
@@ -463,7 +470,7 @@ def load_base_models(vit_name, lm_name, device, quantize, compute_dtype):
                           device_map={"": device.index or 0})
         else:
             kwargs["dtype"] = torch.float32
-    vision = AutoModel.from_pretrained(vit_name, **vision_kwargs)
+    vision = vision_class.from_pretrained(vit_name, **vision_kwargs)
     lm = AutoModelForCausalLM.from_pretrained(lm_name, **lm_kwargs)
     for model in (vision, lm):
         if quantize:
@@ -493,18 +500,54 @@ def model_config_from(cfg):
     """The part of the run config that rebuilds the model; stored in every checkpoint."""
     return {"vit_model": cfg.vit_model_name, "gpt2_model": cfg.gpt2_model_name, "lora_r": cfg.lora_r,
             "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
-            "max_caption_tokens": cfg.max_caption_tokens, "prefix_pool_grid": cfg.prefix_pool_grid}
+            "max_caption_tokens": cfg.max_caption_tokens, "prefix_pool_grid": cfg.prefix_pool_grid,
+            "projector": cfg.projector}
+
+
+def model_family(name):
+    """The model_type in a model's config ("vit", "gpt2", "llama", ...), read without loading weights."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        raise Img2GPTError(f"could not load the config of '{name}' ({exc})") from None
+    return config.model_type
+
+
+def check_families(config):
+    """A checkpoint records the model families it was trained on; base models of other families are refused
+    before anything is loaded (same widths would otherwise load silently into the wrong model)."""
+    for role, name_key, family_key in (("vision encoder", "vit_model", "vision_family"),
+                                       ("language model", "gpt2_model", "lm_family")):
+        family = model_family(config[name_key])
+        if config.setdefault(family_key, family) != family:
+            raise Img2GPTError(f"the checkpoint was trained on a '{config[family_key]}' {role} but "
+                               f"'{config[name_key]}' is a '{family}': give a {config[family_key]} model")
+
+
+def make_projector(kind, width_in, width_out):
+    """The bridge from vision width to LM width: one Linear (the original design) or, as LLaVA-1.5 found
+    better, Linear-GELU-Linear."""
+    if kind == "linear":
+        return nn.Linear(width_in, width_out)
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(width_in, width_out), nn.GELU(), nn.Linear(width_out, width_out))
+    raise Img2GPTError(f"unknown PROJECTOR '{kind}': use one of {', '.join(PROJECTORS)}")
 
 
 def build_model(model_config, device, announce=lambda step: None):
     """(Img2GPT, tokenizer, processor, model_config with the found LoRA targets and projection sizes).
     `announce(step)` is called before each stage (inference prints its Step lines through it)."""
     quantize, compute_dtype = choose_precision(device)
+    config = dict(model_config)
+    config.setdefault("projector", "linear")  # checkpoints from before the option had the original bridge
+    make_projector(config["projector"], 1, 1)  # an unknown kind fails before minutes of loading
+    check_families(config)
     announce(1)
     vision, lm, tokenizer, processor = load_base_models(
-        model_config["vit_model"], model_config["gpt2_model"], device, quantize, compute_dtype)
+        config["vit_model"], config["gpt2_model"], device, quantize, compute_dtype)
     announce(2)
-    config = dict(model_config)
     config.setdefault("vision_lora_targets", find_lora_targets(vision))
     config.setdefault("lm_lora_targets", find_lora_targets(lm))
     lora = (config["lora_r"], config["lora_alpha"], config["lora_dropout"])
@@ -517,7 +560,7 @@ def build_model(model_config, device, announce=lambda step: None):
         if config.setdefault(key, size) != size:
             raise Img2GPTError(f"checkpoint {key} is {config[key]} but the base models give {size}: "
                                "use the base models it was trained with (--vit-model / --gpt2-model)")
-    projection = nn.Linear(*sizes.values()).to(device)  # full precision: GradScaler needs fp32 trainable weights
+    projection = make_projector(config["projector"], *sizes.values()).to(device)  # fp32: GradScaler needs it
     config.setdefault("prefix_pool_grid", 0)  # checkpoints from before the option used every token
     return Img2GPT(vision, lm, projection, config["prefix_pool_grid"]), tokenizer, processor, config
 
@@ -581,7 +624,7 @@ def caption_sources(model, tokenizer, processor, sources, open_image, batch_size
     """(source, caption or error) for every source, in order. Images are opened and preprocessed in threads
     up to two batches ahead while the model captions the current batch. on_batch(sources) runs before each
     batch is generated."""
-    device = model.projection.weight.device
+    device = next(model.projection.parameters()).device
 
     def caption(window):
         good = [(source, pixels) for source, pixels in window if not isinstance(pixels, Exception)]

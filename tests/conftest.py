@@ -147,6 +147,45 @@ def pretrain_language_model(model, tokenizer, texts, steps=200, length=48, seed=
     model.eval()
 
 
+def build_other_families(folder, tokenizer_folder, hidden=32):
+    """Tiny models of other families, saved like hub models: a DINOv2 encoder (BitImageProcessor: shortest edge
+    + center crop), a CLIP checkpoint (text and vision towers), and a Llama-style LM sharing the BPE tokenizer
+    of `tokenizer_folder`, pretrained on the captions like the tiny GPT-2."""
+    import shutil
+
+    import torch
+    from transformers import (AutoTokenizer, BitImageProcessor, CLIPConfig, CLIPImageProcessor, CLIPModel,
+                              Dinov2Config, Dinov2Model, LlamaConfig, LlamaForCausalLM)
+
+    from training_script import clean_caption
+
+    torch.manual_seed(0)
+    folder = Path(folder)
+    Dinov2Model(Dinov2Config(image_size=IMAGE_SIZE, patch_size=8, hidden_size=hidden, num_hidden_layers=2,
+                             num_attention_heads=2, mlp_ratio=2)).save_pretrained(folder / "dinov2")
+    BitImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+                      do_convert_rgb=True).save_pretrained(folder / "dinov2")
+    vision = {"image_size": IMAGE_SIZE, "patch_size": 8, "hidden_size": hidden, "intermediate_size": hidden * 2,
+              "num_hidden_layers": 2, "num_attention_heads": 2}
+    text = {"hidden_size": hidden, "intermediate_size": hidden * 2, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "vocab_size": 100, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1}
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(folder / "clip")
+    CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
+                       crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(folder / "clip")
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+    eos = tokenizer.eos_token_id
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
+                                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                         max_position_embeddings=64, bos_token_id=eos, eos_token_id=eos))
+    texts = [clean_caption(c) for color in COLORS for shape in SHAPES for c in shape_captions(color, shape)]
+    pretrain_language_model(llama, tokenizer, texts)
+    llama.save_pretrained(folder / "llama")
+    for file in Path(tokenizer_folder).glob("tokenizer*"):
+        shutil.copy(file, folder / "llama" / file.name)
+    return {name: folder / name for name in ("dinov2", "clip", "llama")}
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     return build_tiny_models(tmp_path_factory.mktemp("models"))
