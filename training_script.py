@@ -835,7 +835,7 @@ class JsonlLog:
     """training_log.jsonl: one JSON record per line, flushed at once so a disconnect loses nothing."""
 
     def __init__(self, path):
-        path = Path(path)
+        self.path = path = Path(path)
         self.file = open(path, "a", encoding="utf-8")
         if path.stat().st_size and not path.read_bytes().endswith(b"\n"):
             self.file.write("\n")  # a run killed mid-line: start on a fresh line
@@ -1026,6 +1026,45 @@ def print_banner(run):
           f"{sum(p.numel() for p in run.model.parameters()):,}")
 
 
+def loss_curves(records, batches_per_epoch):
+    """(steps, train losses, epoch-end steps, validation losses) from training_log.jsonl records. A batch that
+    a resumed run trained again counts once, with its later loss."""
+    train = {}
+    for r in records:
+        if r.get("type") == "batch":
+            train[(r["epoch"] - 1) * batches_per_epoch + r["step"]] = r["loss"]
+    val = {r["epoch"] * batches_per_epoch: r["val_loss"] for r in records
+           if r.get("type") == "epoch" and r.get("val_loss") is not None}
+    steps = sorted(train)
+    return steps, [train[s] for s in steps], sorted(val), [val[s] for s in sorted(val)]
+
+
+def plot_losses(log_path, png_path, batches_per_epoch):
+    """OUTPUT_DIR/loss.png: train loss per step (raw and smoothed) and validation loss per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display in Colab subprocesses or on servers
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in Path(log_path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    steps, losses, val_steps, val_losses = loss_curves(records, batches_per_epoch)
+    window = max(1, len(losses) // 50)  # a moving average over ~2% of the run
+    smooth = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1])
+              for i in range(len(losses))]
+    figure, axes = plt.subplots(figsize=(8, 4.5), dpi=100)
+    axes.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=0.8, label="train loss per batch")
+    axes.plot(steps, smooth, color="tab:blue", linewidth=2, label=f"train loss, mean of {window}")
+    axes.plot(val_steps, val_losses, "o-", color="tab:orange", linewidth=2, label="validation loss (epoch end)")
+    axes.set(xlabel=f"batch ({batches_per_epoch} per epoch)", ylabel="cross-entropy loss", title="Img2GPT training")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    temporary = Path(png_path).with_name(Path(png_path).name + ".tmp.png")
+    figure.savefig(temporary)
+    plt.close(figure)
+    os.replace(temporary, png_path)
+
+
 def train(run):
     """The epochs, from the start or from where a resumed checkpoint stopped."""
     epoch, step, loss_sum, loss_count = 1, 0, 0.0, 0
@@ -1045,7 +1084,8 @@ def train(run):
         save_checkpoint(path, run.model, run.model_config, {"epoch": epoch, "train_loss": train_loss,
                                                             "val_loss": val_loss, "trained_in_4bit": run.quantize})
         save_last(run, epoch + 1, 0)  # after the epoch file: a resume never skips an epoch's end
-        print(f"Saved {path}")
+        plot_losses(run.log.path, run.output_dir / "loss.png", run.batches_per_epoch)
+        print(f"Saved {path} and {run.output_dir / 'loss.png'}")
 
 
 def main(argv=None):

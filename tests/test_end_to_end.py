@@ -45,6 +45,10 @@ def test_training_prints_progress_and_writes_checkpoint_and_log(trained):
     assert "Epoch 1: average train loss" in result.stdout and "validation loss" in result.stdout
     assert "epoch 1/1" in result.stderr and "loss=" in result.stderr  # the tqdm bar with the batch loss
     assert (out / "img2gpt_epoch_1.pth").is_file()
+    from PIL import Image
+
+    with Image.open(out / "loss.png") as plot:
+        assert plot.format == "PNG" and plot.size == (800, 450)
     records = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines()]
     batches = [r for r in records if r["type"] == "batch"]
     # 20 train images x 5 captions (+ 2 rows of 2199200615.jpg when it lands in train) at batch size 8.

@@ -74,6 +74,9 @@ def test_killed_run_resumes_from_its_last_save(tiny_models, tmp_path):
           f"first 3 resumed {first_after:.3f}; saved at {saved_at}, {len(lost)} batches redone")
     # Close to where it stopped, not back at the level the run started from.
     assert abs(first_after - last_before) < 0.2 * abs(first_after - start_level), (start_level, last_before, first_after)
+    steps, losses, val_steps, _ = ts.loss_curves(read_log(log), 25)  # what loss.png draws: each batch once
+    assert steps == list(range(1, 101)) and losses[saved_at[0] * 25 - 25 + saved_at[1]] == after[(2, saved_at[1] + 1)]
+    assert val_steps == [25, 50, 75, 100] and (out / "loss.png").is_file()
     epochs = [r["epoch"] for r in read_log(log) if r["type"] == "epoch"]
     assert epochs == [1, 2, 3, 4]
     assert all((out / f"img2gpt_epoch_{n}.pth").is_file() for n in range(1, 5))
