@@ -1,0 +1,33 @@
+"""The Colab notebook is a valid notebook and runs the README's commands."""
+
+import nbformat
+
+from conftest import ROOT
+
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def notebook():
+    return nbformat.read(ROOT / "Img2GPT_colab.ipynb", as_version=4)
+
+
+def test_notebook_is_valid_and_unexecuted():
+    nb = notebook()
+    nbformat.validate(nb)
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    assert code and all(not cell.outputs and cell.execution_count is None for cell in code)
+    assert nb.metadata["accelerator"] == "GPU"
+    assert "Img2GPT_colab.ipynb" in README  # linked
+
+
+def test_notebook_commands_are_the_readme_commands():
+    nb = notebook()
+    lines = [line for cell in nb.cells if cell.cell_type == "code" for line in cell.source.splitlines()]
+    commands = [line for line in lines if line.startswith(("!", "%"))]
+    assert [c.split()[1] for c in commands if c.startswith("!python")] == [
+        "training_script.py", "training_script.py", "inference_script.py"]
+    for command in commands:
+        assert f"\n{command}\n" in README, command
+    source = "\n".join(lines)
+    assert 'drive.mount("/content/drive")' in source and "USE_DRIVE" in source
+    assert "loss.png" in source and '"samples"' in source
