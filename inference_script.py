@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from training_script import (IMAGE_ERRORS, Img2GPTError, caption_sources, decoding_settings, load_checkpoint,
-                             load_image, parse_config, rebuild_from_checkpoint, resolve_device, run_cli)
+from training_script import (IMAGE_ERRORS, Img2GPTError, caption_sources, decoding_settings, generate_captions,
+                             load_checkpoint, load_image, parse_config, preprocess, rebuild_from_checkpoint,
+                             resolve_device, run_cli)
 
 # --- What to caption ------------------------------------------------------------------------------
 MODEL_WEIGHTS_PATH = "img2gpt_epoch_3.pth"  # checkpoint written by training_script.py
@@ -39,6 +40,10 @@ NO_REPEAT_NGRAM_SIZE = 0  # never repeat an n-gram of this many tokens (0: off)
 REPETITION_PENALTY = 1.0  # above 1 discourages repeating tokens (1.0: off)
 BATCH_SIZE = 8  # images captioned together (fetched and preprocessed ahead in threads)
 JSON_OUTPUT = False  # one JSON record per image on stdout ({"image", "caption", "error"}); progress on stderr
+
+# --- Web page -------------------------------------------------------------------------------------
+WEB = False  # serve a Gradio page on 127.0.0.1:WEB_PORT instead of captioning IMAGE_URL (needs: pip install gradio)
+WEB_PORT = 7860  # port of the --web page
 
 # Every UPPERCASE name bound to a plain value above is a setting with a flag (imported names are not).
 CONSTANTS = {name: value for name, value in dict(globals()).items()
@@ -139,6 +144,44 @@ def announce_batch(sources, say):
     say("Generating caption...")
 
 
+def serve_web(model, tokenizer, processor, device, cfg, say=print):
+    """A Gradio page on 127.0.0.1:WEB_PORT: drop an image or paste a URL, get its caption. The model is loaded
+    once, before the page starts; Gradio is imported only here."""
+    import os
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local page
+    try:
+        import gradio as gr
+    except ImportError:
+        raise Img2GPTError("the web page needs Gradio: pip install gradio") from None
+
+    def caption(image_path, url, num_beams, max_new_tokens):
+        source = image_path or (url or "").strip()
+        if not source:
+            raise gr.Error("Drop an image or paste its URL first.")
+        try:
+            pixels = preprocess(processor, [fetch_image(source, cfg.request_timeout, cfg.max_image_bytes)])
+        except Img2GPTError as error:
+            raise gr.Error(str(error)) from None
+        settings = {**decoding_settings(cfg), "num_beams": int(num_beams), "max_new_tokens": int(max_new_tokens)}
+        return generate_captions(model, tokenizer, pixels.to(device), **settings)[0]
+
+    with gr.Blocks(title="Img2GPT") as page:
+        gr.Markdown(f"# Img2GPT\nCaptions by `{Path(cfg.model_weights_path).name}`. Drop an image or paste a URL.")
+        with gr.Row():
+            with gr.Column():
+                image = gr.Image(type="filepath", label="Image")
+                url = gr.Textbox(label="...or an image URL", placeholder="https://...")
+                beams = gr.Slider(1, 8, value=cfg.num_beams, step=1, label="Beams (1: greedy)")
+                tokens = gr.Slider(5, 80, value=cfg.max_new_tokens, step=1, label="Max new tokens")
+                button = gr.Button("Caption", variant="primary")
+            with gr.Column():
+                result = gr.Textbox(label="Caption", elem_id="caption", interactive=False)
+        button.click(caption, inputs=[image, url, beams, tokens], outputs=result, api_name="caption")
+    say(f"Serving the Img2GPT page on http://127.0.0.1:{cfg.web_port} (Ctrl+C stops it)")
+    page.launch(server_name="127.0.0.1", server_port=cfg.web_port, quiet=True)
+
+
 def main(argv=None):
     cfg = parse_config(CONSTANTS, argv, FLAG_ALIASES, __doc__, repeatable=("IMAGE_URL",), script=__file__)
     if cfg.batch_size < 1:
@@ -149,6 +192,8 @@ def main(argv=None):
     say(f"Using device: {device}")
     model, tokenizer, processor = load_model(cfg.model_weights_path, device, cfg.vit_model_name,
                                              cfg.gpt2_model_name, say)
+    if cfg.web:
+        return serve_web(model, tokenizer, processor, device, cfg, say)
     results = caption_sources(model, tokenizer, processor, expand_sources(cfg.image_url),
                               partial(fetch_image, timeout=cfg.request_timeout, max_bytes=cfg.max_image_bytes),
                               cfg.batch_size, decoding_settings(cfg), on_batch=partial(announce_batch, say=say))

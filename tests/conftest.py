@@ -1,7 +1,10 @@
 """Offline fixtures: tiny ViT / GPT-2 / BPE tokenizer saved with save_pretrained, and a Flickr30k-shaped folder."""
 
+import functools
+import http.server
 import os
 import random
+import threading
 import subprocess
 import sys
 from pathlib import Path
@@ -196,6 +199,17 @@ def flickr_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("kaggle")
     make_flickr_folder(root, 24)
     return root
+
+
+@pytest.fixture(scope="session")
+def image_server(flickr_dir):
+    """http://127.0.0.1:PORT/ serving the fixture images."""
+    folder = flickr_dir / "flickr30k_images" / "flickr30k_images"
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
 
 
 def run_script(script, *args, cwd=None, timeout=600):

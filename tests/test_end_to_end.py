@@ -1,9 +1,6 @@
 """The two scripts run as a user runs them: train one epoch on the fixture, caption over HTTP and from a path."""
 
-import functools
-import http.server
 import json
-import threading
 
 import pytest
 import torch
@@ -24,17 +21,6 @@ def trained(flickr_dir, tiny_models, tmp_path_factory):
                                                           "--eval-after-training"))
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result
-
-
-@pytest.fixture(scope="module")
-def image_server(flickr_dir):
-    """http://127.0.0.1:PORT/ serving the fixture images."""
-    folder = flickr_dir / "flickr30k_images" / "flickr30k_images"
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
 
 
 def test_training_prints_progress_and_writes_checkpoint_and_log(trained):

@@ -1,0 +1,108 @@
+"""The --web page: through gradio_client against the running server, and in a real headless Chromium."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+import training_script as ts
+from conftest import ROOT, train_args
+
+
+def chromium_path():
+    for candidate in ("/usr/lib/chromium/chromium", shutil.which("chromium"), shutil.which("chromium-browser")):
+        if candidate and Path(candidate).exists():
+            return candidate
+    return None
+
+
+@pytest.fixture(scope="module")
+def checkpoint(flickr_dir, tiny_models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("web")
+    ts.main(train_args(flickr_dir, tiny_models, out, "--epochs", "2", "--batch-size", "8", "--eval-interval", "0",
+                       "--learning-rate", "5e-3"))
+    return out / "img2gpt_epoch_2.pth"
+
+
+@pytest.fixture(scope="module")
+def page(checkpoint):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    server = subprocess.Popen([sys.executable, str(ROOT / "inference_script.py"), "--weights", str(checkpoint),
+                               "--device", "cpu", "--web", "--web-port", str(port), "--max-new-tokens", "8"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert server.poll() is None, server.stdout.read()
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                break
+        except requests.ConnectionError:
+            time.sleep(0.5)
+    else:
+        pytest.fail("the page did not come up within 120 s")
+    yield url
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def cli_caption(checkpoint, image):
+    """What the command line says for the same image and settings: the page must say the same."""
+    import inference_script
+
+    cfg = ts.parse_config(inference_script.CONSTANTS, ["--device", "cpu", "--max-new-tokens", "8"],
+                          inference_script.FLAG_ALIASES, script=inference_script.__file__)
+    model, tokenizer, processor = inference_script.load_model(checkpoint, ts.resolve_device("cpu"), say=lambda _: None)
+    pixels = ts.preprocess(processor, [inference_script.fetch_image(str(image), 10, 10**7)])
+    return ts.generate_captions(model, tokenizer, pixels, **ts.decoding_settings(cfg))[0]
+
+
+def test_page_captions_an_upload_and_a_url(page, checkpoint, flickr_dir, image_server):
+    from gradio_client import Client, handle_file
+
+    image = flickr_dir / "flickr30k_images" / "flickr30k_images" / "1009.jpg"
+    expected = cli_caption(checkpoint, image)
+    client = Client(page, verbose=False)
+    assert client.predict(handle_file(str(image)), "", 1, 8, api_name="/caption") == expected
+    assert client.predict(None, f"{image_server}/1009.jpg", 1, 8, api_name="/caption") == expected
+    beams = client.predict(None, f"{image_server}/1009.jpg", 3, 5, api_name="/caption")  # the page's settings
+    assert isinstance(beams, str) and len(beams.split()) <= 5
+    with pytest.raises(Exception, match="answered HTTP 404"):
+        client.predict(None, f"{image_server}/missing.jpg", 1, 8, api_name="/caption")
+    with pytest.raises(Exception, match="Drop an image or paste its URL"):
+        client.predict(None, "", 1, 8, api_name="/caption")
+
+
+@pytest.mark.skipif(chromium_path() is None, reason="no Chromium installed (apt-get install chromium)")
+def test_page_in_a_real_browser(page, checkpoint, flickr_dir, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    image = flickr_dir / "flickr30k_images" / "flickr30k_images" / "1009.jpg"
+    expected = cli_caption(checkpoint, image)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=chromium_path(), headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run", "--disable-quic"])
+        tab = browser.new_page(viewport={"width": 1100, "height": 700})
+        tab.goto(page)
+        tab.locator("input[type=file]").first.set_input_files(str(image))
+        tab.wait_for_timeout(500)
+        tab.get_by_role("button", name="Caption").click()
+        caption = tab.locator("#caption textarea")
+        tab.wait_for_function("() => document.querySelector('#caption textarea').value.length > 0", timeout=60_000)
+        seen = caption.input_value()
+        shot = Path(os.environ.get("IMG2GPT_SCREENSHOT", tmp_path / "web_page.png"))
+        tab.screenshot(path=str(shot))
+        browser.close()
+    print(f"the browser saw the caption {seen!r}")
+    assert seen == expected and shot.stat().st_size > 10_000
