@@ -246,7 +246,7 @@ def is_usable_image(path):
         return False
 
 
-def drop_unusable_images(captions, image_dir):
+def drop_unusable_images(captions, image_dir, verbose=True):
     """(rows whose image opens, images left out): missing, empty or unreadable images are dropped before
     training, checked in parallel threads (the check is file I/O), so no epoch dies halfway."""
     from concurrent.futures import ThreadPoolExecutor
@@ -256,9 +256,9 @@ def drop_unusable_images(captions, image_dir):
     names = sorted(captions["image_name"].unique())
     with ThreadPoolExecutor(max_workers=8) as pool:
         usable = list(tqdm(pool.map(lambda n: is_usable_image(Path(image_dir) / n), names), total=len(names),
-                           desc="checking images", leave=False))
+                           desc="checking images", leave=False, disable=not verbose))
     bad = {name for name, ok in zip(names, usable) if not ok}
-    if bad:
+    if bad and verbose:
         print(f"Left out {len(bad)} of {len(names)} images: missing or unreadable (e.g. {sorted(bad)[0]})")
     kept = captions[~captions["image_name"].isin(bad)].reset_index(drop=True)
     if kept.empty:
@@ -365,27 +365,31 @@ def make_datasets(captions, splits, image_dir, processor):
 
 
 class EpochBatchSampler(torch.utils.data.Sampler):
-    """The batches of one epoch in an order fixed by (seed, epoch), from batch `start` on: a resumed run sees
-    exactly the batches the interrupted one had not, without decoding the ones it skips."""
+    """This process's batches of one epoch, in an order fixed by (seed, epoch), from its batch `start` on: a
+    resumed run sees exactly the batches the interrupted one had not, without decoding the ones it skips.
+    With several processes (data parallel), process `rank` of `world` takes every world-th batch, and all take
+    the same number of them (DDP steps in lockstep), so a last incomplete round is left out."""
 
-    def __init__(self, size, batch_size, seed, epoch, start=0):
-        self.size, self.batch_size, self.start = size, batch_size, start
-        self.order = torch.randperm(size, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+    def __init__(self, size, batch_size, seed, epoch, start=0, rank=0, world=1):
+        order = torch.randperm(size, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+        batches = [order[first:first + batch_size] for first in range(0, size, batch_size)]
+        self.batches = batches[rank::world][:len(batches) // world][start:]
 
     def __len__(self):
-        return max(0, -(-self.size // self.batch_size) - self.start)
+        return len(self.batches)
 
     def __iter__(self):
-        for first in range(self.start * self.batch_size, self.size, self.batch_size):
-            yield self.order[first:first + self.batch_size]
+        return iter(self.batches)
 
 
-def make_loader(dataset, tokenizer, cfg, epoch=None, start=0):
-    """Training batches in the seeded order of `epoch` from batch `start` on; validation (epoch None) in order."""
+def make_loader(dataset, tokenizer, cfg, epoch=None, start=0, rank=0, world=1):
+    """Training batches in the seeded order of `epoch` from batch `start` on; validation (epoch None) in order.
+    Each of `world` processes gets its own share."""
     if epoch is None:
-        sampler = torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(dataset), cfg.batch_size, False)
+        everything = torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(dataset), cfg.batch_size, False)
+        sampler = list(everything)[rank::world]
     else:
-        sampler = EpochBatchSampler(len(dataset), cfg.batch_size, cfg.seed, epoch, start)
+        sampler = EpochBatchSampler(len(dataset), cfg.batch_size, cfg.seed, epoch, start, rank, world)
     # Its own generator: the loader's worker seed is drawn from it, not from the global RNG that dropout uses,
     # so a resumed run's dropout masks continue exactly where the saved RNG state left them.
     return torch.utils.data.DataLoader(
@@ -834,18 +838,21 @@ def evaluate_checkpoint(cfg):
 class JsonlLog:
     """training_log.jsonl: one JSON record per line, flushed at once so a disconnect loses nothing."""
 
-    def __init__(self, path):
-        self.path = path = Path(path)
-        self.file = open(path, "a", encoding="utf-8")
-        if path.stat().st_size and not path.read_bytes().endswith(b"\n"):
-            self.file.write("\n")  # a run killed mid-line: start on a fresh line
+    def __init__(self, path, enabled=True):
+        self.path, self.file = Path(path), None
+        if enabled:  # in data-parallel training only the main process writes
+            self.file = open(self.path, "a", encoding="utf-8")
+            if self.path.stat().st_size and not self.path.read_bytes().endswith(b"\n"):
+                self.file.write("\n")  # a run killed mid-line: start on a fresh line
 
     def write(self, **record):
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
 
     def close(self):
-        self.file.close()
+        if self.file:
+            self.file.close()
 
 
 def autocast(device, compute_dtype):
@@ -877,8 +884,9 @@ def training_state(run, epoch, step, loss_sum, loss_count):
 
 def save_last(run, epoch, step, loss_sum=0.0, loss_count=0):
     """OUTPUT_DIR/img2gpt_last.pth: weights plus training state after `step` batches of `epoch`."""
-    save_checkpoint(run.output_dir / "img2gpt_last.pth", run.model, run.model_config,
-                    {"training_state": training_state(run, epoch, step, loss_sum, loss_count)})
+    if run.main:
+        save_checkpoint(run.output_dir / "img2gpt_last.pth", run.model, run.model_config,
+                        {"training_state": training_state(run, epoch, step, loss_sum, loss_count)})
 
 
 def restore_training_state(run, state):
@@ -906,18 +914,18 @@ def train_one_epoch(run, epoch, start_step=0, loss_sum=0.0, loss_count=0):
     A non-finite loss is not applied; MAX_BAD_BATCHES of them in a row stop training."""
     from tqdm.auto import tqdm
 
-    cfg, model, optimizer = run.cfg, run.model, run.optimizer
-    loader = make_loader(run.datasets["train"], run.tokenizer, cfg, epoch, start_step)
+    cfg, model, optimizer = run.cfg, run.train_model, run.optimizer
+    loader = make_loader(run.datasets["train"], run.tokenizer, cfg, epoch, start_step, run.rank, run.world)
     model.train()
     bad_in_row = 0
     bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.num_epochs}", initial=start_step,
-               total=start_step + len(loader), dynamic_ncols=True)
+               total=start_step + len(loader), dynamic_ncols=True, disable=not run.main)
     for step, batch in enumerate(bar, start_step + 1):
         if batch is not None:  # None: every image of the batch failed to decode
             batch = {key: value.to(run.device, non_blocking=True) for key, value in batch.items()}
             with autocast(run.device, run.compute_dtype):
                 loss = model(**batch).loss
-            value = loss.item()
+            value = mean_over_processes(loss.detach(), run.world).item()  # every process decides alike
             if math.isfinite(value):
                 run.scaler.scale(loss).backward()
                 run.scaler.unscale_(optimizer)
@@ -930,33 +938,45 @@ def train_one_epoch(run, epoch, start_step=0, loss_sum=0.0, loss_count=0):
             else:
                 bad_in_row += 1
                 run.log.write(type="nonfinite", epoch=epoch, step=step, loss=str(value))
-                tqdm.write(f"Skipped batch {step} of epoch {epoch}: loss is {value}")
+                if run.main:
+                    tqdm.write(f"Skipped batch {step} of epoch {epoch}: loss is {value}")
                 if bad_in_row >= cfg.max_bad_batches:
                     raise Img2GPTError(f"{bad_in_row} non-finite losses in a row at epoch {epoch} step {step}: "
                                        "training stopped; lower --learning-rate and --resume from the last "
                                        f"good {run.output_dir / 'img2gpt_last.pth'}")
             optimizer.zero_grad(set_to_none=True)
         run.scheduler.step()  # the schedule follows batches, applied or not, so resumed runs line up
-        if cfg.eval_interval > 0 and step % cfg.eval_interval == 0 and run.samples:
+        if cfg.eval_interval > 0 and step % cfg.eval_interval == 0 and run.samples and run.main:
             sample_captions(run, epoch, step)
         if cfg.save_interval > 0 and step % cfg.save_interval == 0 and bad_in_row == 0:
             save_last(run, epoch, step, loss_sum, loss_count)
     return loss_sum / loss_count if loss_count else float("nan")
 
 
+def mean_over_processes(value, world):
+    """The mean of a scalar tensor over the data-parallel processes (itself with one process)."""
+    if world > 1:
+        value = value.clone()
+        torch.distributed.all_reduce(value)
+        value /= world
+    return value
+
+
 @torch.no_grad()
 def evaluate(run):
-    """Mean validation loss (None without validation data)."""
+    """Mean validation loss (None without validation data), each process scoring its share of the batches
+    and the sums gathered."""
     run.model.eval()
-    losses = []
-    for batch in make_loader(run.datasets["val"], run.tokenizer, run.cfg):
+    total = torch.zeros(2, dtype=torch.float64, device=run.device)  # (sum of batch losses, batches)
+    for batch in make_loader(run.datasets["val"], run.tokenizer, run.cfg, rank=run.rank, world=run.world):
         if batch is None:
             continue
         batch = {key: value.to(run.device) for key, value in batch.items()}
         with autocast(run.device, run.compute_dtype):
-            losses.append(run.model(**batch).loss.item())
+            total += torch.tensor([run.model(**batch).loss.item(), 1.0], dtype=torch.float64, device=run.device)
     run.model.train()
-    return sum(losses) / len(losses) if losses else None
+    total = mean_over_processes(total, run.world)  # a mean of sums is fine: only their ratio is used
+    return (total[0] / total[1]).item() if total[1] > 0 else None
 
 
 def sample_set(captions, names, image_dir, processor):
@@ -968,10 +988,11 @@ def sample_set(captions, names, image_dir, processor):
     return {"names": names, "references": [first[n] for n in names], "pixel_values": pixels}
 
 
-def prepare_data(cfg):
-    """Captions of the usable images, their folder, and the split (Karpathy's when its file is given)."""
+def prepare_data(cfg, main=True):
+    """Captions of the usable images, their folder, and the split (Karpathy's when its file is given).
+    Only the main process of a data-parallel run reports."""
     csv_path, image_dir = find_dataset_files(cfg.data_dir or download_dataset(cfg.kaggle_dataset))
-    captions, left_out = drop_unusable_images(load_captions(csv_path), image_dir)
+    captions, left_out = drop_unusable_images(load_captions(csv_path), image_dir, verbose=main)
     if cfg.karpathy_split_file:
         splits, split_name = karpathy_split(cfg.karpathy_split_file, captions["image_name"]), "karpathy"
     else:
@@ -983,15 +1004,20 @@ def prepare_data(cfg):
 
 def prepare_run(cfg):
     """Data, model, optimizer and schedule of a run, gathered in one namespace the stages share."""
+    from accelerate import PartialState
     from transformers import get_linear_schedule_with_warmup, set_seed
 
     set_seed(cfg.seed)
-    device = resolve_device(cfg.device_choice)
+    # Under `accelerate launch` there is one process per GPU (or --cpu --num_processes N): each takes its device
+    # from accelerate; a plain `python training_script.py` is one process on DEVICE_CHOICE.
+    state = PartialState(cpu=cfg.device_choice == "cpu" or not torch.cuda.is_available())  # gloo on CPUs
+    device = state.device if state.num_processes > 1 else resolve_device(cfg.device_choice)
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     resume = load_checkpoint(cfg.resume_from) if cfg.resume_from else None  # fail fast on a bad path
 
-    data = prepare_data(cfg)
+    with state.main_process_first():  # the main process downloads; the others then find the cached copy
+        data = prepare_data(cfg, main=state.is_main_process)
     captions, image_dir, splits = data.captions, data.image_dir, data.splits
     if not splits["train"]:
         raise Img2GPTError(f"too few images to train on ({len(set(captions['image_name']))})")
@@ -1002,13 +1028,19 @@ def prepare_run(cfg):
     datasets = make_datasets(captions, splits, image_dir, processor)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate)
-    batches_per_epoch = len(EpochBatchSampler(len(datasets["train"]), cfg.batch_size, cfg.seed, 1))
+    batches_per_epoch = len(EpochBatchSampler(len(datasets["train"]), cfg.batch_size, cfg.seed, 1,
+                                              world=state.num_processes))
+    train_model = model
+    if state.num_processes > 1:  # gradients averaged across processes at each backward
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     total_steps = cfg.num_epochs * batches_per_epoch
     scheduler = get_linear_schedule_with_warmup(optimizer, min(cfg.warmup_steps, total_steps // 2), total_steps)
     return types.SimpleNamespace(
         cfg=cfg, device=device, quantize=quantize, compute_dtype=compute_dtype, output_dir=output_dir,
         model=model, tokenizer=tokenizer, processor=processor, model_config=model_config, data=data,
         datasets=datasets, splits=splits, left_out=data.left_out, resume=resume, trainable=trainable,
+        train_model=train_model, rank=state.process_index, world=state.num_processes, main=state.is_main_process,
         optimizer=optimizer, scheduler=scheduler,
         scaler=torch.amp.GradScaler(device.type, enabled=compute_dtype == torch.float16),
         samples=sample_set(captions, splits["val"][:cfg.num_sample_images], image_dir, processor),
@@ -1070,22 +1102,33 @@ def train(run):
     epoch, step, loss_sum, loss_count = 1, 0, 0.0, 0
     if run.resume:
         epoch, step, loss_sum, loss_count = restore_training_state(run, run.resume)
-        print(f"Resuming from '{run.cfg.resume_from}': epoch {epoch}, after batch {step}")
+        if run.main:
+            print(f"Resuming from '{run.cfg.resume_from}': epoch {epoch}, after batch {step}")
+    # Which rows each process's first batch holds: the record that data-parallel processes got their own share.
+    first = next(iter(EpochBatchSampler(len(run.datasets["train"]), run.cfg.batch_size, run.cfg.seed, epoch, step,
+                                        run.rank, run.world)), [])
+    first_batches = [first]
+    if run.world > 1:
+        first_batches = [None] * run.world
+        torch.distributed.all_gather_object(first_batches, first)
     run.log.write(type="start", epoch=epoch, step=step, resumed_from=run.cfg.resume_from,
-                  left_out_images=len(run.left_out))
+                  left_out_images=len(run.left_out), processes=run.world, first_batches=first_batches)
     for epoch in range(epoch, run.cfg.num_epochs + 1):
         train_loss = train_one_epoch(run, epoch, step, loss_sum, loss_count)
         step, loss_sum, loss_count = 0, 0.0, 0
+        train_loss = mean_over_processes(torch.tensor(train_loss, device=run.device), run.world).item()
         val_loss = evaluate(run)
-        val_text = f"{val_loss:.4f}" if val_loss is not None else "n/a (no validation images)"
-        print(f"Epoch {epoch}: average train loss {train_loss:.4f}, validation loss {val_text}")
-        run.log.write(type="epoch", epoch=epoch, train_loss=train_loss, val_loss=val_loss)
-        path = run.output_dir / f"img2gpt_epoch_{epoch}.pth"
-        save_checkpoint(path, run.model, run.model_config, {"epoch": epoch, "train_loss": train_loss,
-                                                            "val_loss": val_loss, "trained_in_4bit": run.quantize})
+        if run.main:
+            val_text = f"{val_loss:.4f}" if val_loss is not None else "n/a (no validation images)"
+            print(f"Epoch {epoch}: average train loss {train_loss:.4f}, validation loss {val_text}")
+            run.log.write(type="epoch", epoch=epoch, train_loss=train_loss, val_loss=val_loss)
+            path = run.output_dir / f"img2gpt_epoch_{epoch}.pth"
+            save_checkpoint(path, run.model, run.model_config, {"epoch": epoch, "train_loss": train_loss,
+                                                                "val_loss": val_loss, "trained_in_4bit": run.quantize})
         save_last(run, epoch + 1, 0)  # after the epoch file: a resume never skips an epoch's end
-        plot_losses(run.log.path, run.output_dir / "loss.png", run.batches_per_epoch)
-        print(f"Saved {path} and {run.output_dir / 'loss.png'}")
+        if run.main:
+            plot_losses(run.log.path, run.output_dir / "loss.png", run.batches_per_epoch)
+            print(f"Saved {path} and {run.output_dir / 'loss.png'}")
 
 
 def main(argv=None):
@@ -1093,13 +1136,14 @@ def main(argv=None):
     if cfg.evaluate:
         return evaluate_checkpoint(cfg)
     run = prepare_run(cfg)
-    print_banner(run)
-    run.log = JsonlLog(run.output_dir / "training_log.jsonl")
+    if run.main:
+        print_banner(run)
+    run.log = JsonlLog(run.output_dir / "training_log.jsonl", enabled=run.main)
     try:
         if run.left_out:
             run.log.write(type="left_out", images=run.left_out)
         train(run)
-        if cfg.eval_after_training and run.splits["test"]:
+        if cfg.eval_after_training and run.splits["test"] and run.main:
             evaluate_on_test(run.model, run.tokenizer, run.processor, run.data, cfg,
                              f"img2gpt_epoch_{cfg.num_epochs}", run.output_dir)
     except torch.cuda.OutOfMemoryError:
@@ -1107,6 +1151,9 @@ def main(argv=None):
                            f"--batch-size (e.g. {max(1, cfg.batch_size // 2)})") from None
     finally:
         run.log.close()
+    if run.world > 1:
+        torch.distributed.barrier()  # the others wait for the main process's test-split evaluation
+        torch.distributed.destroy_process_group()
 
 
 def run_cli(main, argv=None, on_interrupt="interrupted"):
