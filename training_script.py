@@ -876,6 +876,7 @@ def sample_captions(run, epoch, step):
 def training_state(run, epoch, step, loss_sum, loss_count):
     """Everything besides the weights that a resumed run needs, as plain types and tensors."""
     return {"epoch": epoch, "step": step, "batch_size": run.cfg.batch_size, "seed": run.cfg.seed,
+            "processes": run.world,
             "loss_sum": loss_sum, "loss_count": loss_count, "optimizer": run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
             "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
@@ -895,9 +896,10 @@ def restore_training_state(run, state):
     if train is None:
         raise Img2GPTError("this checkpoint holds no training state (epoch files hold weights only): "
                            "resume from img2gpt_last.pth in the same OUTPUT_DIR")
-    if train["batch_size"] != run.cfg.batch_size or train["seed"] != run.cfg.seed:
-        raise Img2GPTError(f"resume with the run's own --batch-size {train['batch_size']} and --seed "
-                           f"{train['seed']}: the batch order depends on them")
+    saved = (train["batch_size"], train["seed"], train.get("processes", 1))
+    if saved != (run.cfg.batch_size, run.cfg.seed, run.world):
+        raise Img2GPTError(f"resume with the run's own --batch-size {saved[0]}, --seed {saved[1]} and {saved[2]} "
+                           "process(es): the batch order depends on them")
     load_trained_weights(run.model, state["weights"])
     run.optimizer.load_state_dict(train["optimizer"])
     run.scheduler.load_state_dict(train["scheduler"])

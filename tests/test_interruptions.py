@@ -174,6 +174,6 @@ def test_resume_refuses_an_epoch_file_and_a_changed_batch_size(small_run, capsys
     assert code == 1 and "resume from img2gpt_last.pth" in one_error_line(err)
     changed = [a if a != "8" else "4" for a in args]
     code, _, err = cli(capsys, ts, *changed, "--resume", out / "img2gpt_last.pth")
-    assert code == 1 and "--batch-size 8" in one_error_line(err)
+    assert code == 1 and "--batch-size 8, --seed 42 and 1 process" in one_error_line(err)
     code, _, err = cli(capsys, ts, *args, "--resume", out / "nope.pth")
     assert code == 1 and "not found" in one_error_line(err)
