@@ -1127,8 +1127,7 @@ def train(run):
             path = run.output_dir / f"img2gpt_epoch_{epoch}.pth"
             save_checkpoint(path, run.model, run.model_config, {"epoch": epoch, "train_loss": train_loss,
                                                                 "val_loss": val_loss, "trained_in_4bit": run.quantize})
-        save_last(run, epoch + 1, 0)  # after the epoch file: a resume never skips an epoch's end
-        if run.main:
+            save_last(run, epoch + 1, 0)  # after the epoch file: a resume never skips an epoch's end
             plot_losses(run.log.path, run.output_dir / "loss.png", run.batches_per_epoch)
             print(f"Saved {path} and {run.output_dir / 'loss.png'}")
 
