@@ -18,9 +18,8 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from training_script import (IMAGE_ERRORS, Img2GPTError, caption_sources, decoding_settings, generate_captions,
-                             load_checkpoint, load_image, parse_config, preprocess, rebuild_from_checkpoint,
-                             resolve_device, run_cli)
+from training_script import (IMAGE_ERRORS, Img2GPTError, caption_sources, decoding_settings, load_checkpoint,
+                             load_image, parse_config, rebuild_from_checkpoint, resolve_device, run_cli)
 
 # --- What to caption ------------------------------------------------------------------------------
 MODEL_WEIGHTS_PATH = "img2gpt_epoch_3.pth"  # checkpoint written by training_script.py
@@ -144,7 +143,7 @@ def announce_batch(sources, say):
     say("Generating caption...")
 
 
-def serve_web(model, tokenizer, processor, device, cfg, say=print):
+def serve_web(model, tokenizer, processor, open_image, cfg, say=print):
     """A Gradio page on 127.0.0.1:WEB_PORT: drop an image or paste a URL, get its caption. The model is loaded
     once, before the page starts; Gradio is imported only here."""
     import os
@@ -159,12 +158,11 @@ def serve_web(model, tokenizer, processor, device, cfg, say=print):
         source = image_path or (url or "").strip()
         if not source:
             raise gr.Error("Drop an image or paste its URL first.")
-        try:
-            pixels = preprocess(processor, [fetch_image(source, cfg.request_timeout, cfg.max_image_bytes)])
-        except Img2GPTError as error:
-            raise gr.Error(str(error)) from None
         settings = {**decoding_settings(cfg), "num_beams": int(num_beams), "max_new_tokens": int(max_new_tokens)}
-        return generate_captions(model, tokenizer, pixels.to(device), **settings)[0]
+        _, result = next(caption_sources(model, tokenizer, processor, [source], open_image, 1, settings))
+        if isinstance(result, Exception):  # what the command line would print as an error line
+            raise gr.Error(str(result))
+        return result
 
     with gr.Blocks(title="Img2GPT") as page:
         gr.Markdown(f"# Img2GPT\nCaptions by `{Path(cfg.model_weights_path).name}`. Drop an image or paste a URL.")
@@ -192,10 +190,10 @@ def main(argv=None):
     say(f"Using device: {device}")
     model, tokenizer, processor = load_model(cfg.model_weights_path, device, cfg.vit_model_name,
                                              cfg.gpt2_model_name, say)
+    open_image = partial(fetch_image, timeout=cfg.request_timeout, max_bytes=cfg.max_image_bytes)
     if cfg.web:
-        return serve_web(model, tokenizer, processor, device, cfg, say)
-    results = caption_sources(model, tokenizer, processor, expand_sources(cfg.image_url),
-                              partial(fetch_image, timeout=cfg.request_timeout, max_bytes=cfg.max_image_bytes),
+        return serve_web(model, tokenizer, processor, open_image, cfg, say)
+    results = caption_sources(model, tokenizer, processor, expand_sources(cfg.image_url), open_image,
                               cfg.batch_size, decoding_settings(cfg), on_batch=partial(announce_batch, say=say))
     failed = total = 0
     for source, caption in results:

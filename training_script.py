@@ -664,18 +664,23 @@ def trained_weights(model):
             "projection": plain(model.projection.state_dict())}
 
 
-def save_checkpoint(path, model, model_config, extra):
-    """Plain types and tensors only, so torch.load(path, weights_only=True) opens it. Written to a temporary
-    file and renamed, so an interrupted save never leaves a half-written checkpoint under the real name."""
-    state = {"format": CHECKPOINT_FORMAT, "config": model_config, "versions": library_versions(),
-             "weights": trained_weights(model), **extra}
+def write_atomically(path, write):
+    """write(temporary) into PATH.tmp in the same folder, flushed to disk, then renamed over PATH: a kill
+    during the write leaves the previous file whole, never a half-written one under the real name."""
     path = Path(path)
     temporary = path.with_name(path.name + ".tmp")
     with open(temporary, "wb") as file:
-        torch.save(state, file)
+        write(file)
         file.flush()
-        os.fsync(file.fileno())  # on disk before the rename makes it the checkpoint
+        os.fsync(file.fileno())  # on disk before the rename makes it the file
     os.replace(temporary, path)
+
+
+def save_checkpoint(path, model, model_config, extra):
+    """Plain types and tensors only, so torch.load(path, weights_only=True) opens it; written atomically."""
+    state = {"format": CHECKPOINT_FORMAT, "config": model_config, "versions": library_versions(),
+             "weights": trained_weights(model), **extra}
+    write_atomically(path, lambda file: torch.save(state, file))
 
 
 def load_checkpoint(path):
@@ -691,14 +696,12 @@ def load_checkpoint(path):
         state = torch.load(path, map_location="cpu", weights_only=True)
     except PermissionError:
         raise Img2GPTError(f"checkpoint '{path}' cannot be read (permission denied): check its permissions") from None
-    except pickle.UnpicklingError as exc:
-        if "unsupported global" in str(exc).lower():  # it names a class or function to call: refused
+    except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError... for truncated or foreign files
+        if isinstance(exc, pickle.UnpicklingError) and "unsupported global" in str(exc).lower():
+            # it names a class or function to call, which weights_only refused to do
             raise Img2GPTError(f"'{path}' holds pickled objects other than tensors and plain types, which are "
                                "never loaded (weights_only=True): use a checkpoint written by training_script.py"
                                ) from None
-        raise Img2GPTError(f"'{path}' is not a readable checkpoint, maybe truncated (UnpicklingError): "
-                           "use a complete img2gpt_epoch_N.pth") from None
-    except Exception as exc:  # torch raises RuntimeError, EOFError, ValueError... for truncated or foreign files
         raise Img2GPTError(f"'{path}' is not a readable checkpoint, maybe truncated ({type(exc).__name__}): "
                            "use a complete img2gpt_epoch_N.pth") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
@@ -783,13 +786,6 @@ def score_captions(references, predictions):
     return scores, notes
 
 
-def write_json(path, data):
-    """Atomic like the checkpoints: a temporary file renamed into place."""
-    temporary = Path(path).with_name(Path(path).name + ".tmp")
-    temporary.write_text(json.dumps(data, indent=2), encoding="utf-8")
-    os.replace(temporary, path)
-
-
 def evaluate_on_test(model, tokenizer, processor, data, cfg, checkpoint_name, output_dir):
     """Caption every test image, score against all its references, write OUTPUT_DIR/eval_<checkpoint>.json
     and print the scores as a table. Returns the scores."""
@@ -808,10 +804,10 @@ def evaluate_on_test(model, tokenizer, processor, data, cfg, checkpoint_name, ou
         predictions[name] = "" if isinstance(caption, Exception) else caption  # unreadable now: scores zero
     scores, notes = score_captions(references, predictions)
     path = Path(output_dir) / f"eval_{checkpoint_name}.json"
-    write_json(path, {**scores, "checkpoint": checkpoint_name, "split": data.split_name, "test_images": len(names),
-                      "decoding": decoding, "notes": notes,
-                      "captions": [{"image": n, "generated": predictions[n], "references": references[n]}
-                                   for n in names]})
+    report = {**scores, "checkpoint": checkpoint_name, "split": data.split_name, "test_images": len(names),
+              "decoding": decoding, "notes": notes,
+              "captions": [{"image": n, "generated": predictions[n], "references": references[n]} for n in names]}
+    write_atomically(path, lambda file: file.write(json.dumps(report, indent=2).encode("utf-8")))
     print(f"\nTest split ({data.split_name}, {len(names)} images), {checkpoint_name}:\n\n| metric | score |\n|---|---:|")
     print("\n".join(f"| {metric} | {value:.4f} |" for metric, value in scores.items()))
     for note in notes:
@@ -1093,10 +1089,8 @@ def plot_losses(log_path, png_path, batches_per_epoch):
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    temporary = Path(png_path).with_name(Path(png_path).name + ".tmp.png")
-    figure.savefig(temporary)
+    write_atomically(png_path, lambda file: figure.savefig(file, format="png"))
     plt.close(figure)
-    os.replace(temporary, png_path)
 
 
 def train(run):
