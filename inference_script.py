@@ -4,8 +4,9 @@ Edit the constants below or override them from the command line:
 
     python inference_script.py --weights img2gpt_epoch_3.pth --image https://example.com/dog.jpg --image cat.png
 
-The model is rebuilt from the checkpoint's own config with the code that trained it (4-bit on CUDA,
-full precision on the CPU; a checkpoint trained in 4-bit on a GPU captions on a CPU-only machine).
+The model is rebuilt from the checkpoint's own config with the code that trained it, in the precision QUANTIZE
+chooses here whatever precision it was trained in ("auto": 4-bit on CUDA, full precision on the CPU; a
+checkpoint trained in 4-bit on a GPU captions on a CPU-only machine).
 """
 
 import io
@@ -18,8 +19,9 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from training_script import (IMAGE_ERRORS, Img2GPTError, caption_sources, decoding_settings, load_checkpoint,
-                             load_image, parse_config, rebuild_from_checkpoint, resolve_device, run_cli)
+from training_script import (IMAGE_ERRORS, Img2GPTError, caption_sources, choose_precision, decoding_settings,
+                             load_checkpoint, load_image, parse_config, rebuild_from_checkpoint, resolve_device,
+                             run_cli)
 
 # --- What to caption ------------------------------------------------------------------------------
 MODEL_WEIGHTS_PATH = "img2gpt_epoch_3.pth"  # checkpoint written by training_script.py
@@ -28,7 +30,8 @@ REQUEST_TIMEOUT = 30  # seconds a download may take in all before it is given up
 MAX_IMAGE_BYTES = 20_000_000  # largest image download accepted, in bytes
 
 # --- Hardware and base models ---------------------------------------------------------------------
-DEVICE_CHOICE = "cuda" if torch.cuda.is_available() else "cpu"  # "cuda" (4-bit), "cuda:N" or "cpu"
+DEVICE_CHOICE = "cuda" if torch.cuda.is_available() else "cpu"  # "cuda", "cuda:N" or "cpu"
+QUANTIZE = "auto"  # "auto" (4-bit on CUDA, full precision on a CPU), "4bit" (on any device) or "none"
 VIT_MODEL_NAME = None  # vision encoder to load instead of the checkpoint's (e.g. a local copy); None: its own
 GPT2_MODEL_NAME = None  # language model to load instead of the checkpoint's; None: its own
 
@@ -124,15 +127,17 @@ def fetch_image(source, timeout, max_bytes):
         raise Img2GPTError(f"{what} is not a readable image ({exc})") from None
 
 
-def load_model(weights_path, device, vit_model=None, gpt2_model=None, say=print):
+def load_model(weights_path, device, vit_model=None, gpt2_model=None, say=print, quantize="auto"):
     """Rebuild the trained model from the checkpoint's config, printing the original design's Step lines."""
+    four_bit, _ = choose_precision(device, quantize)  # an unknown value fails before the checkpoint is read
     state = load_checkpoint(weights_path)
-    precision = "with 4-bit quantization" if device.type == "cuda" else "in full precision"
+    precision = "with 4-bit quantization" if four_bit else "in full precision"
     steps = {1: f"Loading tokenizer and base models ({precision})...",
              2: "Applying the exact same LoRA configurations...",
              3: "Initializing the combined Img2GPT model...",
              4: f"Loading trained weights from '{weights_path}'..."}
-    model = rebuild_from_checkpoint(state, device, vit_model, gpt2_model, lambda n: say(f"Step {n}: {steps[n]}"))
+    model = rebuild_from_checkpoint(state, device, vit_model, gpt2_model, lambda n: say(f"Step {n}: {steps[n]}"),
+                                    quantize)
     say("Model successfully built and ready for inference!")
     return model
 
@@ -189,7 +194,7 @@ def main(argv=None):
     device = resolve_device(cfg.device_choice)
     say(f"Using device: {device}")
     model, tokenizer, processor = load_model(cfg.model_weights_path, device, cfg.vit_model_name,
-                                             cfg.gpt2_model_name, say)
+                                             cfg.gpt2_model_name, say, cfg.quantize)
     open_image = partial(fetch_image, timeout=cfg.request_timeout, max_bytes=cfg.max_image_bytes)
     if cfg.web:
         return serve_web(model, tokenizer, processor, open_image, cfg, say)

@@ -5,9 +5,10 @@ Edit the constants below or override any of them from the command line
 
     python training_script.py --epochs 3 --batch-size 16
 
-On CUDA both models are loaded in 4-bit NF4 and fine-tuned with LoRA (QLoRA); on the CPU they stay in
-full precision with the same LoRA. After each epoch OUTPUT_DIR/img2gpt_epoch_N.pth holds the trained
-weights and the config that `inference_script.py` rebuilds the model from.
+By default (QUANTIZE "auto") both models are loaded in 4-bit NF4 and fine-tuned with LoRA (QLoRA) on CUDA,
+and kept in full precision with the same LoRA on a CPU; "4bit" and "none" choose either on any device. After
+each epoch OUTPUT_DIR/img2gpt_epoch_N.pth holds the trained weights and the config that `inference_script.py`
+rebuilds the model from.
 """
 
 import argparse
@@ -30,7 +31,8 @@ from PIL import Image
 from torch import nn
 
 # --- Hardware -------------------------------------------------------------------------------------
-DEVICE_CHOICE = "cuda" if torch.cuda.is_available() else "cpu"  # "cuda" (4-bit QLoRA), "cuda:N" or "cpu"
+DEVICE_CHOICE = "cuda" if torch.cuda.is_available() else "cpu"  # "cuda", "cuda:N" or "cpu"
+QUANTIZE = "auto"  # "auto" (4-bit on CUDA, none on a CPU), "4bit" (NF4 QLoRA on any device) or "none"
 NUM_WORKERS = 2  # DataLoader worker processes decoding images (0: decode in the main process)
 
 # --- Data -----------------------------------------------------------------------------------------
@@ -90,6 +92,9 @@ FLAG_ALIASES = {
 # older ViT (query, value), GPT-2 (c_attn: q, k and v in one Conv1D), Phi-3 (qkv_proj), GPT-NeoX.
 LORA_TARGET_NAMES = ("q_proj", "v_proj", "query", "value", "c_attn", "qkv_proj", "query_key_value")
 PROJECTORS = ("linear", "mlp")
+QUANTIZE_CHOICES = ("auto", "4bit", "none")
+# bitsandbytes' first release with a CPU backend for 4-bit (Linear4bit forward and backward without CUDA).
+MIN_BITSANDBYTES_FOR_CPU = "0.46"
 CHECKPOINT_FORMAT = "img2gpt-v1"
 MODEL_CONFIG_KEYS = ("vit_model", "gpt2_model", "lora_r", "lora_alpha", "lora_dropout", "max_caption_tokens",
                      "vision_lora_targets", "lm_lora_targets", "projection_in", "projection_out")
@@ -145,13 +150,47 @@ def resolve_device(choice):
         raise Img2GPTError(f"unknown device '{choice}': use cuda, cuda:N or cpu") from None
 
 
-def choose_precision(device):
-    """(quantize_4bit, compute_dtype). 4-bit needs CUDA. bf16 only from Ampere (compute capability 8) on:
-    a T4 reports torch.cuda.is_bf16_supported() True through slow emulation, so ask for the hardware."""
+def choose_precision(device, quantize="auto"):
+    """(quantize_4bit, compute_dtype). QUANTIZE "auto" is 4-bit on CUDA only. The compute dtype follows the
+    hardware, never what it merely emulates. On CUDA: bf16 from Ampere (compute capability 8) on, fp16 before
+    (a T4 reports torch.cuda.is_bf16_supported() True through slow emulation). On a CPU in 4-bit: bf16 where
+    the CPU has bf16 instructions (benchmarks/benchmark.py: 1.7x the images/s of fp32 compute, faster than
+    full precision), fp32 elsewhere (bf16 on AVX2 alone: 23x slower per step, measured); full precision is fp32."""
+    if quantize not in QUANTIZE_CHOICES:
+        raise Img2GPTError(f"unknown QUANTIZE '{quantize}': use one of {', '.join(QUANTIZE_CHOICES)}")
+    four_bit = device.type == "cuda" if quantize == "auto" else quantize == "4bit"
     if device.type != "cuda":
-        return False, torch.float32
+        return four_bit, torch.bfloat16 if four_bit and cpu_has_native_bf16() else torch.float32
     major, _ = torch.cuda.get_device_capability(device)
-    return True, torch.bfloat16 if major >= 8 else torch.float16
+    return four_bit, torch.bfloat16 if major >= 8 else torch.float16
+
+
+def cpu_has_native_bf16():
+    """AVX512-BF16 or AMX: bf16 matrix products in hardware (torch's own probes of the CPU)."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
+def require_4bit_support(device):
+    """One clear error where 4-bit cannot run: bitsandbytes missing, broken, or too old for a CPU backend."""
+    fallback = "or use --quantize none (full-precision LoRA)"
+    try:
+        import bitsandbytes
+    except Exception as exc:  # a missing package, or one whose native library fails to load
+        raise Img2GPTError(f"4-bit needs bitsandbytes, which cannot be imported ({type(exc).__name__}): "
+                           f"pip install -U bitsandbytes, {fallback}") from None
+    from packaging.version import Version
+
+    if device.type == "cpu" and Version(bitsandbytes.__version__) < Version(MIN_BITSANDBYTES_FOR_CPU):
+        raise Img2GPTError(f"4-bit on a CPU needs bitsandbytes {MIN_BITSANDBYTES_FOR_CPU} or newer (installed: "
+                           f"{bitsandbytes.__version__}): pip install -U bitsandbytes, {fallback}")
+
+
+def device_map_for(device):
+    """from_pretrained's device_map for a 4-bit model: the device actually used, never GPU 0 on a CPU."""
+    if device.type == "cuda":
+        return {"": device.index if device.index is not None else torch.cuda.current_device()}
+    return {"": device.type}
 
 
 def quantization_config(compute_dtype):
@@ -401,11 +440,13 @@ def make_loader(dataset, tokenizer, cfg, epoch=None, start=0, rank=0, world=1):
 # --- Model ----------------------------------------------------------------------------------------
 class Img2GPT(nn.Module):
     """ViT patch tokens -> Linear -> GPT-2 input embeddings, prepended to the caption as a prefix.
-    With pool_grid G > 0 the patch grid is average-pooled to G x G first (1 + G*G prefix tokens)."""
+    With pool_grid G > 0 the patch grid is average-pooled to G x G first (1 + G*G prefix tokens).
+    `quantized`: the base models were loaded in 4-bit (their LoRAs are then never merged)."""
 
-    def __init__(self, vision, lm, projection, pool_grid=0):
+    def __init__(self, vision, lm, projection, pool_grid=0, quantized=False):
         super().__init__()
         self.vision, self.lm, self.projection, self.pool_grid = vision, lm, projection, pool_grid
+        self.quantized = quantized
 
     def prefix(self, pixel_values):
         hidden = self.vision(pixel_values=pixel_values).last_hidden_state  # (B, 1 + patches, vit_hidden)
@@ -449,9 +490,9 @@ def find_lora_targets(model, names=LORA_TARGET_NAMES):
 
 
 def load_base_models(vit_name, lm_name, device, quantize, compute_dtype):
-    """(vision, lm, tokenizer, processor) from the hub or local folders; 4-bit on CUDA. The vision model is
-    any transformers encoder with last_hidden_state (the vision tower of a CLIP or SigLIP checkpoint is used);
-    the LM is any AutoModelForCausalLM."""
+    """(vision, lm, tokenizer, processor) from the hub or local folders, in 4-bit when `quantize`. The vision
+    model is any transformers encoder with last_hidden_state (the vision tower of a CLIP or SigLIP checkpoint is
+    used); the LM is any AutoModelForCausalLM."""
     from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -470,8 +511,7 @@ def load_base_models(vit_name, lm_name, device, quantize, compute_dtype):
         vision_kwargs["add_pooling_layer"] = False
     for kwargs in (vision_kwargs, lm_kwargs):
         if quantize:
-            kwargs.update(quantization_config=quantization_config(compute_dtype),
-                          device_map={"": device.index or 0})
+            kwargs.update(quantization_config=quantization_config(compute_dtype), device_map=device_map_for(device))
         else:
             kwargs["dtype"] = torch.float32
     vision = vision_class.from_pretrained(vit_name, **vision_kwargs)
@@ -486,6 +526,22 @@ def load_base_models(vit_name, lm_name, device, quantize, compute_dtype):
         else:
             model.requires_grad_(False).to(device)
     return vision, lm, tokenizer, processor
+
+
+def allow_cpu_weight_packing(model, allowed):
+    """bitsandbytes on a CPU with AVX512-BF16 repacks each Linear4bit weight for a faster bf16 kernel at the
+    layer's first forward in eval mode, for good; that kernel has no backward, so a training run broke at its
+    first batch after a validation or sample round. Packing is allowed for inference only (it made a 4-bit
+    caption about 2x faster here) and only where the kernel takes the shape: in_features a whole number of
+    quantization blocks and out_features of 32 rows, which bitsandbytes assumes without checking."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
+            if not hasattr(module, "cpu_kernel_available"):
+                module.cpu_kernel_available = module.support_avx512bf16_for_cpu  # what bitsandbytes detected
+            fits = module.in_features % module.weight.quant_state.blocksize == 0 and module.out_features % 32 == 0
+            module.support_avx512bf16_for_cpu = allowed and fits and module.cpu_kernel_available
 
 
 def apply_lora(model, targets, r, alpha, dropout):
@@ -540,17 +596,20 @@ def make_projector(kind, width_in, width_out):
     raise Img2GPTError(f"unknown PROJECTOR '{kind}': use one of {', '.join(PROJECTORS)}")
 
 
-def build_model(model_config, device, announce=lambda step: None):
-    """(Img2GPT, tokenizer, processor, model_config with the found LoRA targets and projection sizes).
-    `announce(step)` is called before each stage (inference prints its Step lines through it)."""
-    quantize, compute_dtype = choose_precision(device)
+def build_model(model_config, device, announce=lambda step: None, quantize="auto"):
+    """(Img2GPT, tokenizer, processor, model_config with the found LoRA targets and projection sizes), in 4-bit
+    or full precision as QUANTIZE `quantize` decides on `device`. `announce(step)` is called before each stage
+    (inference prints its Step lines through it)."""
+    four_bit, compute_dtype = choose_precision(device, quantize)
+    if four_bit:
+        require_4bit_support(device)
     config = dict(model_config)
     config.setdefault("projector", "linear")  # checkpoints from before the option had the original bridge
     make_projector(config["projector"], 1, 1)  # an unknown kind fails before minutes of loading
     check_families(config)
     announce(1)
     vision, lm, tokenizer, processor = load_base_models(
-        config["vit_model"], config["gpt2_model"], device, quantize, compute_dtype)
+        config["vit_model"], config["gpt2_model"], device, four_bit, compute_dtype)
     announce(2)
     config.setdefault("vision_lora_targets", find_lora_targets(vision))
     config.setdefault("lm_lora_targets", find_lora_targets(lm))
@@ -566,7 +625,10 @@ def build_model(model_config, device, announce=lambda step: None):
                                "use the base models it was trained with (--vit-model / --gpt2-model)")
     projection = make_projector(config["projector"], *sizes.values()).to(device)  # fp32: GradScaler needs it
     config.setdefault("prefix_pool_grid", 0)  # checkpoints from before the option used every token
-    return Img2GPT(vision, lm, projection, config["prefix_pool_grid"]), tokenizer, processor, config
+    model = Img2GPT(vision, lm, projection, config["prefix_pool_grid"], quantized=four_bit)
+    if four_bit:
+        allow_cpu_weight_packing(model, False)  # a model that may train; rebuild_from_checkpoint allows it
+    return model, tokenizer, processor, config
 
 
 def decoding_settings(cfg):
@@ -593,8 +655,10 @@ def generate_captions(model, tokenizer, pixel_values, max_new_tokens, num_beams=
 
 def merge_lora(model):
     """Fold both LoRAs into their base weights for full-precision inference: the same outputs, without the
-    adapters' extra matmuls on every layer and token. (4-bit weights are left as they are: merging into
-    them would round the adapters away.)"""
+    adapters' extra matmuls on every layer and token. Never on a 4-bit model: merging into 4-bit weights
+    would round the adapters away, so it keeps them."""
+    if model.quantized:
+        raise ValueError("merge_lora on a 4-bit model would round its LoRA weights away")
     model.vision = model.vision.merge_and_unload()
     model.lm = model.lm.merge_and_unload()
     return model
@@ -679,7 +743,7 @@ def write_atomically(path, write):
 def save_checkpoint(path, model, model_config, extra):
     """Plain types and tensors only, so torch.load(path, weights_only=True) opens it; written atomically."""
     state = {"format": CHECKPOINT_FORMAT, "config": model_config, "versions": library_versions(),
-             "weights": trained_weights(model), **extra}
+             "weights": trained_weights(model), "trained_in_4bit": model.quantized, **extra}
     write_atomically(path, lambda file: torch.save(state, file))
 
 
@@ -732,17 +796,22 @@ def load_trained_weights(model, weights):
     model.projection.load_state_dict(weights["projection"])
 
 
-def rebuild_from_checkpoint(state, device, vit_model=None, gpt2_model=None, announce=lambda step: None):
+def rebuild_from_checkpoint(state, device, vit_model=None, gpt2_model=None, announce=lambda step: None,
+                            quantize="auto"):
     """(model, tokenizer, processor) of a loaded checkpoint, ready to caption: rebuilt from its own config
-    (vit_model / gpt2_model replace the base model names in it when given), trained weights loaded, and on
-    a CPU the LoRAs merged. announce(1..4) is called before each stage."""
+    (vit_model / gpt2_model replace the base model names in it when given) in the precision QUANTIZE `quantize`
+    gives on `device`, whatever precision it was trained in (the LoRA weights have the same names and shapes
+    either way), trained weights loaded, and in full precision the LoRAs merged. announce(1..4) is called
+    before each stage."""
     config = dict(state["config"])
     config["vit_model"] = vit_model or config["vit_model"]
     config["gpt2_model"] = gpt2_model or config["gpt2_model"]
-    model, tokenizer, processor, _ = build_model(config, device, announce)
+    model, tokenizer, processor, _ = build_model(config, device, announce, quantize)
     announce(4)
     load_trained_weights(model, state["weights"])
-    if device.type == "cpu":
+    if model.quantized:
+        allow_cpu_weight_packing(model, True)  # captioning only: the faster CPU kernel is safe
+    else:
         merge_lora(model)
     return model.eval(), tokenizer, processor
 
@@ -824,7 +893,7 @@ def evaluate_checkpoint(cfg):
     # --vit-model / --gpt2-model, when set, name other copies of the base models (e.g. local folders).
     model, tokenizer, processor = rebuild_from_checkpoint(
         state, device, cfg.vit_model_name if cfg.vit_model_name != VIT_MODEL_NAME else None,
-        cfg.gpt2_model_name if cfg.gpt2_model_name != GPT2_MODEL_NAME else None)
+        cfg.gpt2_model_name if cfg.gpt2_model_name != GPT2_MODEL_NAME else None, quantize=cfg.quantize)
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     return evaluate_on_test(model, tokenizer, processor, data, cfg, Path(cfg.evaluate).stem, output_dir)
@@ -1010,6 +1079,9 @@ def prepare_run(cfg):
     # from accelerate; a plain `python training_script.py` is one process on DEVICE_CHOICE.
     state = PartialState(cpu=cfg.device_choice == "cpu" or not torch.cuda.is_available())  # gloo on CPUs
     device = state.device if state.num_processes > 1 else resolve_device(cfg.device_choice)
+    quantize, compute_dtype = choose_precision(device, cfg.quantize)
+    if quantize:  # before the data and the models: minutes earlier than build_model would say it
+        require_4bit_support(device)
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     resume = load_checkpoint(cfg.resume_from) if cfg.resume_from else None  # fail fast on a bad path
@@ -1021,8 +1093,7 @@ def prepare_run(cfg):
         raise Img2GPTError(f"too few images to train on ({len(set(captions['image_name']))})")
 
     model_config = resume["config"] if resume else model_config_from(cfg)
-    model, tokenizer, processor, model_config = build_model(model_config, device)
-    quantize, compute_dtype = choose_precision(device)
+    model, tokenizer, processor, model_config = build_model(model_config, device, quantize=cfg.quantize)
     datasets = make_datasets(captions, splits, image_dir, processor)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate)
@@ -1045,8 +1116,18 @@ def prepare_run(cfg):
         batches_per_epoch=batches_per_epoch, total_steps=total_steps, log=None)
 
 
+def count_4bit_layers(model):
+    """How many bitsandbytes Linear4bit layers the model holds (0 in full precision)."""
+    if not model.quantized:
+        return 0
+    import bitsandbytes as bnb
+
+    return sum(isinstance(module, bnb.nn.Linear4bit) for module in model.modules())
+
+
 def print_banner(run):
-    precision = f"4-bit QLoRA, {run.compute_dtype}" if run.quantize else "full precision LoRA"
+    precision = (f"4-bit QLoRA: {count_4bit_layers(run.model)} Linear4bit layers, compute {run.compute_dtype}"
+                 if run.quantize else "full precision LoRA")
     splits = run.splits
     print(f"Using device: {run.device} ({precision})\n"
           f"Images train/val/test: {len(splits['train'])}/{len(splits['val'])}/{len(splits['test'])}, "
@@ -1100,6 +1181,9 @@ def train(run):
         epoch, step, loss_sum, loss_count = restore_training_state(run, run.resume)
         if run.main:
             print(f"Resuming from '{run.cfg.resume_from}': epoch {epoch}, after batch {step}")
+            was, now = ("4bit" if bits else "none" for bits in (run.resume.get("trained_in_4bit"), run.quantize))
+            if was != now:  # allowed: the adapters have the same names and shapes either way
+                print(f"Note: this run was trained with --quantize {was} and goes on with --quantize {now}")
     # Which rows each process's first batch holds: the record that data-parallel processes got their own share.
     first = next(iter(EpochBatchSampler(len(run.datasets["train"]), run.cfg.batch_size, run.cfg.seed, epoch, step,
                                         run.rank, run.world)), [])
@@ -1108,7 +1192,8 @@ def train(run):
         first_batches = [None] * run.world
         torch.distributed.all_gather_object(first_batches, first)
     run.log.write(type="start", epoch=epoch, step=step, resumed_from=run.cfg.resume_from,
-                  left_out_images=len(run.left_out), processes=run.world, first_batches=first_batches)
+                  left_out_images=len(run.left_out), processes=run.world, first_batches=first_batches,
+                  quantize="4bit" if run.quantize else "none", linear4bit_layers=count_4bit_layers(run.model))
     for epoch in range(epoch, run.cfg.num_epochs + 1):
         train_loss = train_one_epoch(run, epoch, step, loss_sum, loss_count)
         step, loss_sum, loss_count = 0, 0.0, 0
@@ -1120,7 +1205,7 @@ def train(run):
             run.log.write(type="epoch", epoch=epoch, train_loss=train_loss, val_loss=val_loss)
             path = run.output_dir / f"img2gpt_epoch_{epoch}.pth"
             save_checkpoint(path, run.model, run.model_config, {"epoch": epoch, "train_loss": train_loss,
-                                                                "val_loss": val_loss, "trained_in_4bit": run.quantize})
+                                                                "val_loss": val_loss})
             save_last(run, epoch + 1, 0)  # after the epoch file: a resume never skips an epoch's end
             plot_losses(run.log.path, run.output_dir / "loss.png", run.batches_per_epoch)
             print(f"Saved {path} and {run.output_dir / 'loss.png'}")

@@ -3,7 +3,10 @@
     python benchmarks/benchmark.py            # full size: ViT-B/16 (224) + GPT-2 small, random weights
     python benchmarks/benchmark.py --smoke    # tiny models, one repeat: checks that the benchmark works
 
-Both models are built from their default configs (no download). Every caption decodes exactly
+Both models are built from their default configs (no download). The QLoRA rows save them to a temporary
+folder and load them the way the scripts do (from_pretrained, 4-bit NF4 through bitsandbytes' CPU backend or
+full precision), each measurement in a process of its own so that its peak memory is its own. Every caption
+decodes exactly
 NEW_TOKENS tokens, greedily, so Img2GPT, its peer and the floor do the same amount of decoding. The peer is
 HF's VisionEncoderDecoderModel of the same sizes (GPT-2 reading the ViT through cross-attention, the
 architecture of nlpconnect/vit-gpt2-image-captioning). Times are medians of REPEATS runs after one warm-up;
@@ -11,8 +14,11 @@ compare the ratios, which are measured in the same run, rather than the absolute
 """
 
 import argparse
+import json
 import platform
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +33,7 @@ import training_script as ts  # noqa: E402
 NEW_TOKENS = 20
 REPEATS = 5
 POOLED_GRID = 4  # the PREFIX_POOL_GRID option measured beside the default: 1 + 16 prefix tokens instead of 197
+QLORA_REPEATS = 3  # repeats of each QLoRA measurement (a full-size training step takes several seconds here)
 
 
 def median_time(function, repeats):
@@ -158,10 +165,118 @@ def training_throughput(model, image_size, batch, repeats):
     return batch / median_time(step, repeats)
 
 
+def save_base_models(vit_config, gpt2_config, folder):
+    """The random-weight models saved like hub models, with an image processor and a small word-level tokenizer
+    (random GPT-2 has no vocabulary worth decoding), so the QLoRA rows load them through ts.build_model."""
+    from tokenizers import Tokenizer, models
+    from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast, ViTImageProcessor, ViTModel
+
+    torch.manual_seed(0)
+    folder = Path(folder)
+    ViTModel(vit_config, add_pooling_layer=False).save_pretrained(folder / "vit")
+    ViTImageProcessor(size={"height": vit_config.image_size, "width": vit_config.image_size}).save_pretrained(
+        folder / "vit")
+    GPT2LMHeadModel(gpt2_config).save_pretrained(folder / "gpt2")
+    words = {"<|endoftext|>": 0, **{f"w{i}": i for i in range(1, 100)}}
+    tokenizer = Tokenizer(models.WordLevel(words, unk_token="<|endoftext|>"))
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>").save_pretrained(folder / "gpt2")
+    config = {"vit_model": str(folder / "vit"), "gpt2_model": str(folder / "gpt2"), "lora_r": ts.LORA_R,
+              "lora_alpha": ts.LORA_ALPHA, "lora_dropout": ts.LORA_DROPOUT, "max_caption_tokens": 16}
+    model, _, _, config = ts.build_model(config, torch.device("cpu"), quantize="none")
+    ts.save_checkpoint(folder / "img2gpt.pth", model, config, {})
+    return folder / "img2gpt.pth"
+
+
+def reset_peak_memory():
+    """Start the peak resident memory (VmHWM) afresh, so it counts what comes next, not the model loading
+    (4-bit loading reads the full-precision weights first). False where the kernel does not allow it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory_mb():
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker(task, quantize, checkpoint, repeats, compute_dtype):
+    """One measurement in this process: 'train' (images/s of LoRA training steps at batch 8 on the model as
+    training_script builds it) or 'caption' (seconds per 1-image caption on the model as inference rebuilds
+    it). compute_dtype "bfloat16" / "float32" is what choose_precision would pick in 4-bit on a CPU with /
+    without bf16 instructions. Prints {"value", "peak_mb", "parameters_mb"}: the peak resident memory from
+    after loading to the end, and the bytes of the parameters (4-bit ones packed, two to a byte)."""
+    ts.cpu_has_native_bf16 = lambda: compute_dtype == "bfloat16"
+    state = ts.load_checkpoint(checkpoint)
+    cpu = torch.device("cpu")
+    if task == "train":
+        model, _, _, _ = ts.build_model(state["config"], cpu, quantize=quantize)
+    else:
+        model, _, _ = ts.rebuild_from_checkpoint(state, cpu, quantize=quantize)
+    size = model.vision.config.image_size
+    parameters_mb = sum(t.numel() * t.element_size() for t in model.parameters()) / 1e6
+    reset_peak_memory()
+    if task == "train":
+        value = training_throughput(model, size, 8, repeats)
+    else:
+        value = caption_time(model, fixed_length_tokenizer(0), torch.rand(1, 3, size, size), repeats)
+    print(json.dumps({"value": value, "peak_mb": peak_memory_mb(), "parameters_mb": parameters_mb}))
+
+
+def measure_in_process(task, quantize, checkpoint, repeats, compute_dtype):
+    command = [sys.executable, __file__, "--worker", task, "--quantize", quantize, "--checkpoint", str(checkpoint),
+               "--repeats", str(repeats), "--compute-dtype", compute_dtype]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"benchmark worker {command[2:]} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def qlora_rows(vit_config, gpt2_config, repeats):
+    """4-bit vs full-precision LoRA on the CPU: training speed (with each 4-bit compute dtype) and memory,
+    caption latency and memory. The default compute dtype is this CPU's (choose_precision)."""
+    native = "bfloat16" if ts.cpu_has_native_bf16() else "float32"
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = save_base_models(vit_config, gpt2_config, folder)
+        full = measure_in_process("train", "none", checkpoint, repeats, native)
+        bf16, fp32 = (measure_in_process("train", "4bit", checkpoint, repeats, d) for d in ("bfloat16", "float32"))
+        caption4, caption_full = (measure_in_process("caption", q, checkpoint, repeats, native)
+                                  for q in ("4bit", "none"))
+    default = bf16 if native == "bfloat16" else fp32
+    return [
+        ("training images/s, batch 8, 4-bit NF4 LoRA, bf16 compute", f"{bf16['value']:.2f}",
+         f"full-precision LoRA: {full['value']:.2f}", f"{bf16['value'] / full['value']:.2f}x"),
+        ("training images/s, batch 8, 4-bit NF4 LoRA, fp32 compute", f"{fp32['value']:.2f}",
+         f"full-precision LoRA: {full['value']:.2f}", f"{fp32['value'] / full['value']:.2f}x"),
+        (f"training peak memory (RSS), batch 8, 4-bit ({ts.choose_precision(torch.device('cpu'), '4bit')[1]})",
+         f"{default['peak_mb']:.0f} MB", f"full-precision LoRA: {full['peak_mb']:.0f} MB",
+         f"{default['peak_mb'] / full['peak_mb']:.2f}x"),
+        ("parameter memory, 4-bit (captioning)", f"{caption4['parameters_mb']:.0f} MB",
+         f"full precision: {caption_full['parameters_mb']:.0f} MB",
+         f"{caption4['parameters_mb'] / caption_full['parameters_mb']:.2f}x"),
+        ("caption latency, 1 image, 4-bit", f"{caption4['value']:.3f} s",
+         f"full precision, LoRA merged: {caption_full['value']:.3f} s",
+         f"{caption4['value'] / caption_full['value']:.2f}x"),
+        ("captioning peak memory (RSS), 4-bit", f"{caption4['peak_mb']:.0f} MB",
+         f"full precision: {caption_full['peak_mb']:.0f} MB", f"{caption4['peak_mb'] / caption_full['peak_mb']:.2f}x"),
+    ]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny models, one repeat: only checks it runs")
+    parser.add_argument("--worker", choices=("train", "caption"), help=argparse.SUPPRESS)  # one QLoRA measurement
+    parser.add_argument("--quantize", help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    parser.add_argument("--repeats", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--compute-dtype", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker:
+        return worker(args.worker, args.quantize, args.checkpoint, args.repeats, args.compute_dtype)
     repeats = 1 if args.smoke else REPEATS
     vit_config, gpt2_config = configs(args.smoke)
     size, eos = vit_config.image_size, gpt2_config.eos_token_id
@@ -181,10 +296,13 @@ def main():
     training_model = build_img2gpt(vit_config, gpt2_config, merged=False)
     checkpoint_bytes, full_bytes = sizes(training_model)
     train_rate = training_throughput(training_model, size, 8, repeats)
+    del model, peer, pooled, training_model  # the QLoRA rows measure memory in processes of their own
+    qlora = qlora_rows(vit_config, gpt2_config, 1 if args.smoke else QLORA_REPEATS)
 
     name = "tiny smoke-test models" if args.smoke else "ViT-B/16 (224) + GPT-2 small, random weights"
     print(f"Img2GPT benchmark: {name}; CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"{platform.machine()}; {NEW_TOKENS} new tokens, greedy; median of {repeats} runs\n")
+          f"{platform.machine()}, bf16 instructions: {'yes' if ts.cpu_has_native_bf16() else 'no'}; "
+          f"{NEW_TOKENS} new tokens, greedy; median of {repeats} runs ({QLORA_REPEATS} for the 4-bit rows)\n")
     print("| measurement | value | compared with | ratio |\n|---|---:|---|---:|")
     rows = [
         ("caption latency, 1 image", f"{latency:.3f} s", f"VisionEncoderDecoder peer: {peer_latency:.3f} s",
@@ -202,6 +320,7 @@ def main():
         ("checkpoint size", f"{checkpoint_bytes / 1e6:.2f} MB", f"full state_dict: {full_bytes / 1e6:.1f} MB",
          f"{checkpoint_bytes / full_bytes:.2%}"),
         ("training images/s, batch 8, fp32 LoRA", f"{train_rate:.2f}", "", ""),
+        *qlora,
     ]
     for row in rows:
         print("| " + " | ".join(row) + " |")

@@ -195,6 +195,18 @@ def tiny_models(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_models_4bit(tmp_path_factory):
+    """The tiny models 64 wide: a whole NF4 quantization block per row, the smallest width at which bitsandbytes'
+    packed CPU kernel (AVX512-BF16) runs, so 4-bit tests take the path full-size models take."""
+    return build_tiny_models(tmp_path_factory.mktemp("models_4bit"), hidden=64)
+
+
+@pytest.fixture(scope="session")
+def families(tiny_models, tmp_path_factory):
+    return build_other_families(tmp_path_factory.mktemp("families"), tiny_models[1])
+
+
+@pytest.fixture(scope="session")
 def flickr_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("kaggle")
     make_flickr_folder(root, 24)

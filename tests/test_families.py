@@ -4,12 +4,7 @@ import pytest
 import torch
 
 import training_script as ts
-from conftest import build_other_families, run_script, train_args
-
-
-@pytest.fixture(scope="module")
-def families(tiny_models, tmp_path_factory):
-    return build_other_families(tmp_path_factory.mktemp("families"), tiny_models[1])
+from conftest import run_script, train_args
 
 
 def test_lora_targets_and_widths_are_found_for_each_family(families, tiny_models):

@@ -33,10 +33,12 @@ def runs_of(records):
     return runs
 
 
-def test_killed_run_resumes_from_its_last_save(tiny_models, tmp_path):
+@pytest.mark.parametrize("quantize", ["none", "4bit"])
+def test_killed_run_resumes_from_its_last_save(request, tmp_path, quantize):
+    models = request.getfixturevalue("tiny_models_4bit" if quantize == "4bit" else "tiny_models")
     make_flickr_folder(tmp_path / "data", 96, seed=1, quirks=False)  # 78 train images: 25 batches an epoch
     out, log = tmp_path / "out", tmp_path / "out" / "training_log.jsonl"
-    args = train_args(tmp_path / "data", tiny_models, out, *RESUME_ARGS)
+    args = train_args(tmp_path / "data", models, out, *RESUME_ARGS, "--quantize", quantize)
     process = subprocess.Popen([sys.executable, str(ROOT / "training_script.py"), *args],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
