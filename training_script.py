@@ -101,8 +101,10 @@ MODEL_CONFIG_KEYS = ("vit_model", "gpt2_model", "lora_r", "lora_alpha", "lora_dr
 # transformers and peft import bitsandbytes, whose CPU backend warns at import that it cannot fetch an optional
 # kernel from the hub; nothing here uses that kernel.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-# peft still reads this deprecated transformers property when it wraps a model: noise on every run.
+# peft still reads this deprecated transformers property when it wraps a model, and its
+# prepare_model_for_kbit_training calls this deprecated method: noise on every run, nothing to act on.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+warnings.filterwarnings("ignore", message=".*gradient_checkpointing_enable.* is deprecated", category=FutureWarning)
 
 
 class Img2GPTError(Exception):
