@@ -12,6 +12,7 @@ rebuilds the model from.
 """
 
 import argparse
+import contextlib
 import inspect
 import json
 import logging
@@ -72,7 +73,8 @@ KARPATHY_SPLIT_FILE = None  # Karpathy's dataset_flickr30k.json: its train/val/t
 
 # --- Interruptions --------------------------------------------------------------------------------
 SAVE_INTERVAL = 200  # batches between saves of OUTPUT_DIR/img2gpt_last.pth (a disconnect loses at most these)
-RESUME_FROM = None  # img2gpt_last.pth to continue an interrupted run from; None: start afresh
+RESUME_FROM = None  # img2gpt_last.pth to continue a run from; "auto": OUTPUT_DIR's, if any; None: start afresh
+OVERWRITE = False  # start afresh in an OUTPUT_DIR that holds a run, deleting its checkpoints, log and plot
 MAX_BAD_BATCHES = 10  # non-finite losses in a row that stop training (each one is skipped, not applied)
 
 # Every UPPERCASE name bound to a plain value above is a setting with a flag (imported names are not).
@@ -96,6 +98,9 @@ QUANTIZE_CHOICES = ("auto", "4bit", "none")
 # bitsandbytes' first release with a CPU backend for 4-bit (Linear4bit forward and backward without CUDA).
 MIN_BITSANDBYTES_FOR_CPU = "0.46"
 CHECKPOINT_FORMAT = "img2gpt-v1"
+# What a training run leaves in OUTPUT_DIR: a folder holding any of these holds a run.
+RUN_FILES = ("img2gpt_last.pth", "img2gpt_epoch_*.pth", "training_log.jsonl", "loss.png", "eval_img2gpt_*.json")
+LOCK_FILE = ".img2gpt.lock"
 MODEL_CONFIG_KEYS = ("vit_model", "gpt2_model", "lora_r", "lora_alpha", "lora_dropout", "max_caption_tokens",
                      "vision_lora_targets", "lm_lora_targets", "projection_in", "projection_out")
 # transformers and peft import bitsandbytes, whose CPU backend warns at import that it cannot fetch an optional
@@ -731,15 +736,27 @@ def trained_weights(model):
 
 
 def write_atomically(path, write):
-    """write(temporary) into PATH.tmp in the same folder, flushed to disk, then renamed over PATH: a kill
-    during the write leaves the previous file whole, never a half-written one under the real name."""
+    """write(temporary) into a temporary file of its own in the same folder (PATH.<pid>.<random>.tmp, so two
+    writers never share one), flushed to disk, then renamed over PATH: a kill during the write leaves the
+    previous file whole, never a half-written one under the real name. A failed write (a full disk) removes its
+    temporary file and is an Img2GPTError; the previous file stays as it was."""
+    import uuid
+
     path = Path(path)
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as file:
-        write(file)
-        file.flush()
-        os.fsync(file.fileno())  # on disk before the rename makes it the file
-    os.replace(temporary, path)
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(temporary, "xb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())  # on disk before the rename makes it the file
+        os.replace(temporary, path)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise Img2GPTError(f"could not write '{path}' ({exc.strerror or exc}): free some disk space or choose "
+                           "another --output-dir; the previous file is unchanged") from None
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def save_checkpoint(path, model, model_config, extra):
@@ -1071,8 +1088,60 @@ def prepare_data(cfg, main=True):
                                  split_name=split_name)
 
 
-def prepare_run(cfg):
-    """Data, model, optimizer and schedule of a run, gathered in one namespace the stages share."""
+def claim_output_dir(cfg, held, main=True):
+    """(OUTPUT_DIR, checkpoint to resume from or None), checked before anything slow: the folder must be
+    writable; a second training run is refused while one holds it (an flock, which the kernel drops when a
+    killed run dies, so none is left stuck); a fresh run refuses a folder that holds a run unless --overwrite,
+    which deletes that run's files; --resume auto resumes from its img2gpt_last.pth when there is one. The lock
+    is released when the ExitStack `held` closes. Only the main process of a data-parallel run locks and
+    deletes."""
+    import fcntl
+
+    folder = Path(cfg.output_dir)
+    if folder.exists() and not folder.is_dir():
+        raise Img2GPTError(f"--output-dir '{folder}' is a file, not a folder: give a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / f"{LOCK_FILE}.{os.getpid()}.probe", "wb") as probe:
+            probe.write(b"ok")  # a read-only file system or folder fails here, not at the first save
+        os.remove(probe.name)
+    except OSError as exc:
+        raise Img2GPTError(f"cannot write to --output-dir '{folder}' ({exc.strerror or exc}): choose a writable "
+                           "folder") from None
+    if main:
+        lock = held.enter_context(open(folder / LOCK_FILE, "a+"))
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "?"
+            raise Img2GPTError(f"another training run (pid {holder}) is writing to '{folder}': wait for it to end, "
+                               "or give this one another --output-dir") from None
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
+    resume = cfg.resume_from
+    if resume == "auto":
+        resume = str(folder / "img2gpt_last.pth") if (folder / "img2gpt_last.pth").is_file() else None
+        if main:
+            print(f"--resume auto: {'continuing ' + resume if resume else 'no img2gpt_last.pth, starting afresh'}")
+    if resume and cfg.overwrite:
+        raise Img2GPTError("--overwrite starts afresh and --resume continues: give one of them")
+    existing = sorted({p.name for pattern in RUN_FILES for p in folder.glob(pattern)})
+    if existing and not resume and main:
+        if not cfg.overwrite:
+            raise Img2GPTError(f"'{folder}' already holds a run ({', '.join(existing[:3])}"
+                               f"{', ...' if len(existing) > 3 else ''}): continue it with --resume auto, or start "
+                               "over with --overwrite (deletes its checkpoints, log and plot)")
+        for name in existing:
+            (folder / name).unlink()
+        print(f"--overwrite: deleted {len(existing)} file(s) of the previous run in '{folder}'")
+    return folder, resume
+
+
+def prepare_run(cfg, held):
+    """Data, model, optimizer and schedule of a run, gathered in one namespace the stages share; None when the
+    run in OUTPUT_DIR is already complete. OUTPUT_DIR stays locked until the ExitStack `held` closes."""
     from accelerate import PartialState
     from transformers import get_linear_schedule_with_warmup, set_seed
 
@@ -1084,9 +1153,14 @@ def prepare_run(cfg):
     quantize, compute_dtype = choose_precision(device, cfg.quantize)
     if quantize:  # before the data and the models: minutes earlier than build_model would say it
         require_4bit_support(device)
-    output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    resume = load_checkpoint(cfg.resume_from) if cfg.resume_from else None  # fail fast on a bad path
+    output_dir, resume_from = claim_output_dir(cfg, held, main=state.is_main_process)
+    cfg.resume_from = resume_from  # "auto" resolved: the path, or None for a fresh run
+    resume = load_checkpoint(resume_from) if resume_from else None  # fail fast on a bad path
+    if resume and resume.get("training_state", {}).get("epoch", 0) > cfg.num_epochs:
+        if state.is_main_process:
+            print(f"The run in '{output_dir}' is complete: all {cfg.num_epochs} epochs are trained "
+                  f"({output_dir / f'img2gpt_epoch_{cfg.num_epochs}.pth'}). Nothing to do.")
+        return None
 
     with state.main_process_first():  # the main process downloads; the others then find the cached copy
         data = prepare_data(cfg, main=state.is_main_process)
@@ -1152,6 +1226,19 @@ def loss_curves(records, batches_per_epoch):
     return steps, [train[s] for s in steps], sorted(val), [val[s] for s in sorted(val)]
 
 
+def read_log(path):
+    """The records of training_log.jsonl, skipping what is not a whole record (a line cut short by a kill)."""
+    records = []
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
 def plot_losses(log_path, png_path, batches_per_epoch):
     """OUTPUT_DIR/loss.png: train loss per step (raw and smoothed) and validation loss per epoch."""
     import matplotlib
@@ -1159,8 +1246,7 @@ def plot_losses(log_path, png_path, batches_per_epoch):
     matplotlib.use("Agg")  # files only: no display in Colab subprocesses or on servers
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in Path(log_path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    steps, losses, val_steps, val_losses = loss_curves(records, batches_per_epoch)
+    steps, losses, val_steps, val_losses = loss_curves(read_log(log_path), batches_per_epoch)
     window = max(1, len(losses) // 50)  # a moving average over ~2% of the run
     smooth = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1])
               for i in range(len(losses))]
@@ -1217,22 +1303,24 @@ def main(argv=None):
     cfg = parse_config(CONSTANTS, argv, FLAG_ALIASES, __doc__)
     if cfg.evaluate:
         return evaluate_checkpoint(cfg)
-    run = prepare_run(cfg)
-    if run.main:
-        print_banner(run)
-    run.log = JsonlLog(run.output_dir / "training_log.jsonl", enabled=run.main)
-    try:
+    with contextlib.ExitStack() as held:  # OUTPUT_DIR's lock, released however the run ends
+        run = prepare_run(cfg, held)
+        if run is None:  # already complete: said so
+            return
+        if run.main:
+            print_banner(run)
+        run.log = held.enter_context(contextlib.closing(
+            JsonlLog(run.output_dir / "training_log.jsonl", enabled=run.main)))
         if run.left_out:
             run.log.write(type="left_out", images=run.left_out)
-        train(run)
-        if cfg.eval_after_training and run.splits["test"] and run.main:
-            evaluate_on_test(run.model, run.tokenizer, run.processor, run.data, cfg,
-                             f"img2gpt_epoch_{cfg.num_epochs}", run.output_dir)
-    except torch.cuda.OutOfMemoryError:
-        raise Img2GPTError(f"CUDA ran out of memory at BATCH_SIZE {cfg.batch_size}: start again with a smaller "
-                           f"--batch-size (e.g. {max(1, cfg.batch_size // 2)})") from None
-    finally:
-        run.log.close()
+        try:
+            train(run)
+            if cfg.eval_after_training and run.splits["test"] and run.main:
+                evaluate_on_test(run.model, run.tokenizer, run.processor, run.data, cfg,
+                                 f"img2gpt_epoch_{cfg.num_epochs}", run.output_dir)
+        except torch.cuda.OutOfMemoryError:
+            raise Img2GPTError(f"CUDA ran out of memory at BATCH_SIZE {cfg.batch_size}: start again with a "
+                               f"smaller --batch-size (e.g. {max(1, cfg.batch_size // 2)})") from None
     if run.world > 1:
         torch.distributed.barrier()  # the others wait for the main process's test-split evaluation
         torch.distributed.destroy_process_group()

@@ -24,8 +24,9 @@ def test_notebook_commands_are_the_readme_commands():
     nb = notebook()
     lines = [line for cell in nb.cells if cell.cell_type == "code" for line in cell.source.splitlines()]
     commands = [line for line in lines if line.startswith(("!", "%"))]
-    assert [c.split()[1] for c in commands if c.startswith("!python")] == [
-        "training_script.py", "training_script.py", "inference_script.py"]
+    assert [c.split()[1] for c in commands if c.startswith("!python")] == ["training_script.py", "inference_script.py"]
+    # one train cell, right the first time and after every disconnect
+    assert "!python training_script.py --output-dir {OUTPUT_DIR} --resume auto" in commands
     for command in commands:
         assert f"\n{command}\n" in README, command
     source = "\n".join(lines)
