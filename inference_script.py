@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from training_script import (IMAGE_ERRORS, Img2GPTError, caption_sources, choose_precision, decoding_settings,
-                             load_checkpoint, load_image, parse_config, rebuild_from_checkpoint, resolve_device,
-                             run_cli)
+from training_script import (DECODING_RULES, IMAGE_ERRORS, Img2GPTError, at_least, caption_sources,
+                             check_settings, choose_precision, decoding_settings, load_checkpoint, load_image,
+                             parse_config, positive_finite, rebuild_from_checkpoint, resolve_device, run_cli)
 
 # --- What to caption ------------------------------------------------------------------------------
 MODEL_WEIGHTS_PATH = "img2gpt_epoch_3.pth"  # checkpoint written by training_script.py
@@ -53,6 +53,13 @@ CONSTANTS = {name: value for name, value in dict(globals()).items()
 FLAG_ALIASES = {"MODEL_WEIGHTS_PATH": "--weights", "IMAGE_URL": "--image", "DEVICE_CHOICE": "--device",
                 "VIT_MODEL_NAME": "--vit-model", "GPT2_MODEL_NAME": "--gpt2-model", "JSON_OUTPUT": "--json"}
 RULE = "=" * 50
+SETTING_RULES = {
+    "request_timeout": (positive_finite, "a number of seconds above 0"),
+    "max_image_bytes": (at_least(1), "1 or more"),
+    **DECODING_RULES,
+    "batch_size": (at_least(1), "1 or more"),
+    "web_port": (lambda port: 1 <= port <= 65535, "a port from 1 to 65535"),
+}
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 
@@ -187,8 +194,9 @@ def serve_web(model, tokenizer, processor, open_image, cfg, say=print):
 
 def main(argv=None):
     cfg = parse_config(CONSTANTS, argv, FLAG_ALIASES, __doc__, repeatable=("IMAGE_URL",), script=__file__)
-    if cfg.batch_size < 1:
-        raise Img2GPTError("--batch-size must be at least 1")
+    check_settings(cfg, SETTING_RULES, FLAG_ALIASES)
+    if any(not value.strip() for value in cfg.image_url):  # '' would caption the whole current folder
+        raise Img2GPTError("--image '' names no image: give a URL, an image path, a folder or a .txt list")
     # With --json, stdout carries only the records, so that scripts can read it line by line.
     say = partial(print, file=sys.stderr) if cfg.json_output else print
     device = resolve_device(cfg.device_choice)

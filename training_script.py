@@ -116,6 +116,53 @@ class Img2GPTError(Exception):
     """A problem the user can fix (bad path, bad flag, bad data): shown as one line, no traceback."""
 
 
+def at_least(low):
+    return lambda value: value >= low  # NaN compares False: refused too
+
+
+def positive_finite(value):
+    return math.isfinite(value) and value > 0
+
+
+# The allowed range of every numeric setting, checked at start (check_settings) so that a bad value is one line
+# before anything loads, not a traceback an epoch later. Decoding ranges are shared with inference_script.py.
+DECODING_RULES = {
+    "max_new_tokens": (at_least(1), "1 or more"),
+    "num_beams": (at_least(1), "1 (greedy) or more"),
+    "no_repeat_ngram_size": (at_least(0), "0 (off) or more"),
+    "repetition_penalty": (positive_finite, "a number above 0 (1.0: off)"),
+}
+TRAINING_RULES = {
+    "num_workers": (at_least(0), "0 or more"),
+    "val_images": (at_least(0), "0 or more"),
+    "test_images": (at_least(0), "0 or more"),
+    "seed": (at_least(0), "0 or more"),
+    "max_caption_tokens": (at_least(2), "2 or more (a token and EOS)"),
+    "lora_r": (at_least(1), "1 or more"),
+    "lora_alpha": (positive_finite, "a number above 0"),
+    "lora_dropout": (lambda value: 0 <= value < 1, "from 0 up to, not including, 1"),
+    "prefix_pool_grid": (at_least(0), "0 (all tokens) or more"),
+    "batch_size": (at_least(1), "1 or more"),
+    "num_epochs": (at_least(1), "1 or more"),
+    "learning_rate": (positive_finite, "a number above 0, e.g. 2e-4"),
+    "warmup_steps": (at_least(0), "0 or more"),
+    "eval_interval": (at_least(0), "0 (none) or more"),
+    "num_sample_images": (at_least(0), "0 or more"),
+    **DECODING_RULES,
+    "save_interval": (at_least(0), "0 (epoch ends only) or more"),
+    "max_bad_batches": (at_least(1), "1 or more"),
+}
+
+
+def check_settings(cfg, rules, aliases):
+    """One error line for the first setting out of its range, naming its flag, its value and what is allowed."""
+    for name, (allowed, text) in rules.items():
+        value = getattr(cfg, name)
+        if not allowed(value):
+            flag = aliases.get(name.upper(), "--" + name.replace("_", "-"))
+            raise Img2GPTError(f"{flag} {value!r} is out of range: give {text}")
+
+
 # --- Configuration --------------------------------------------------------------------------------
 def parse_config(constants, argv=None, aliases=None, description=None, repeatable=(),
                  script=globals().get("__file__")):
@@ -1301,6 +1348,7 @@ def train(run):
 
 def main(argv=None):
     cfg = parse_config(CONSTANTS, argv, FLAG_ALIASES, __doc__)
+    check_settings(cfg, TRAINING_RULES, FLAG_ALIASES)
     if cfg.evaluate:
         return evaluate_checkpoint(cfg)
     with contextlib.ExitStack() as held:  # OUTPUT_DIR's lock, released however the run ends
