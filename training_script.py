@@ -103,6 +103,11 @@ RUN_FILES = ("img2gpt_last.pth", "img2gpt_epoch_*.pth", "training_log.jsonl", "l
 LOCK_FILE = ".img2gpt.lock"
 MODEL_CONFIG_KEYS = ("vit_model", "gpt2_model", "lora_r", "lora_alpha", "lora_dropout", "max_caption_tokens",
                      "vision_lora_targets", "lm_lora_targets", "projection_in", "projection_out")
+# The type of every model-config value a checkpoint may hold: a file edited by hand is refused, not half-loaded.
+MODEL_CONFIG_TYPES = {"vit_model": str, "gpt2_model": str, "lora_r": int, "lora_alpha": (int, float),
+                      "lora_dropout": (int, float), "max_caption_tokens": int, "vision_lora_targets": list,
+                      "lm_lora_targets": list, "projection_in": int, "projection_out": int, "prefix_pool_grid": int,
+                      "projector": str, "vision_family": str, "lm_family": str}
 # transformers and peft import bitsandbytes, whose CPU backend warns at import that it cannot fetch an optional
 # kernel from the hub; nothing here uses that kernel.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
@@ -806,10 +811,26 @@ def write_atomically(path, write):
         raise
 
 
+DIVERGED = ("training diverged{where}: lower --learning-rate and start over with --overwrite (img2gpt_last.pth "
+            "and the epoch files hold only weights from before)")
+
+
+def non_finite_parts(weights):
+    """The parts of a checkpoint's weights ('vision_lora', 'lm_lora', 'projection') holding NaN or inf."""
+    return [part for part, tensors in weights.items()
+            if isinstance(tensors, dict) and any(torch.is_tensor(t) and t.is_floating_point()
+                                                 and not torch.isfinite(t).all() for t in tensors.values())]
+
+
 def save_checkpoint(path, model, model_config, extra):
-    """Plain types and tensors only, so torch.load(path, weights_only=True) opens it; written atomically."""
+    """Plain types and tensors only, so torch.load(path, weights_only=True) opens it; written atomically.
+    Weights holding NaN or inf are never written: the run has diverged, and that is an Img2GPTError."""
+    weights = trained_weights(model)
+    if non_finite_parts(weights):
+        raise Img2GPTError(DIVERGED.format(where=f": the {', '.join(non_finite_parts(weights))} weights hold NaN "
+                                                 f"or inf, so '{Path(path).name}' was not written"))
     state = {"format": CHECKPOINT_FORMAT, "config": model_config, "versions": library_versions(),
-             "weights": trained_weights(model), "trained_in_4bit": model.quantized, **extra}
+             "weights": weights, "trained_in_4bit": model.quantized, **extra}
     write_atomically(path, lambda file: torch.save(state, file))
 
 
@@ -841,6 +862,19 @@ def load_checkpoint(path):
     missing = [key for key in MODEL_CONFIG_KEYS if key not in state.get("config", {})]
     if missing or not isinstance(state.get("weights"), dict):
         raise Img2GPTError(f"Img2GPT checkpoint '{path}' is incomplete (no {missing or ['weights']})")
+    for key, kind in MODEL_CONFIG_TYPES.items():
+        value = state["config"].get(key, kind() if isinstance(kind, type) else 0)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            wanted = {str: "a string", int: "a whole number", list: "a list"}.get(kind, "a number")
+            raise Img2GPTError(f"Img2GPT checkpoint '{path}' has config {key} = {value!r} where {wanted} belongs: "
+                               "it was edited; use one written by training_script.py")
+    for part, tensors in state["weights"].items():
+        if not isinstance(tensors, dict) or not all(torch.is_tensor(t) for t in tensors.values()):
+            raise Img2GPTError(f"Img2GPT checkpoint '{path}' has weights '{part}' that are not tensors: it was "
+                               "edited; use one written by training_script.py")
+    if non_finite_parts(state["weights"]):
+        raise Img2GPTError(f"'{path}' holds NaN or inf weights ({', '.join(non_finite_parts(state['weights']))}): "
+                           "it comes from a run that diverged; use an earlier checkpoint")
     return state
 
 
@@ -977,8 +1011,9 @@ class JsonlLog:
                 self.file.write("\n")  # a run killed mid-line: start on a fresh line
 
     def write(self, **record):
-        if self.file:
-            self.file.write(json.dumps(record) + "\n")
+        if self.file:  # NaN and inf are not JSON: they are written as null
+            record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+            self.file.write(json.dumps(record, allow_nan=False) + "\n")
             self.file.flush()
 
     def close(self):
@@ -1075,8 +1110,7 @@ def train_one_epoch(run, epoch, start_step=0, loss_sum=0.0, loss_count=0):
                     tqdm.write(f"Skipped batch {step} of epoch {epoch}: loss is {value}")
                 if bad_in_row >= cfg.max_bad_batches:
                     raise Img2GPTError(f"{bad_in_row} non-finite losses in a row at epoch {epoch} step {step}: "
-                                       "training stopped; lower --learning-rate and --resume from the last "
-                                       f"good {run.output_dir / 'img2gpt_last.pth'}")
+                                       + DIVERGED.format(where=""))
             optimizer.zero_grad(set_to_none=True)
         run.scheduler.step()  # the schedule follows batches, applied or not, so resumed runs line up
         if cfg.eval_interval > 0 and step % cfg.eval_interval == 0 and run.samples and run.main:
@@ -1334,6 +1368,10 @@ def train(run):
         step, loss_sum, loss_count = 0, 0.0, 0
         train_loss = mean_over_processes(torch.tensor(train_loss, device=run.device), run.world).item()
         val_loss = evaluate(run)
+        if not math.isfinite(train_loss) or (val_loss is not None and not math.isfinite(val_loss)):
+            run.log.write(type="epoch", epoch=epoch, train_loss=train_loss, val_loss=val_loss)
+            raise Img2GPTError(DIVERGED.format(where=f" in epoch {epoch} (train loss {train_loss}, validation loss "
+                                                     f"{val_loss})"))
         if run.main:
             val_text = f"{val_loss:.4f}" if val_loss is not None else "n/a (no validation images)"
             print(f"Epoch {epoch}: average train loss {train_loss:.4f}, validation loss {val_text}")
