@@ -329,8 +329,10 @@ def load_captions(csv_path):
     return frame[(frame["image_name"] != "") & (frame["caption"] != "")].reset_index(drop=True)
 
 
-# What Pillow raises for a missing, empty, truncated, corrupt or oversized (decompression bomb) image.
-IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning)
+# What opening one image may raise. Beside OSError, SyntaxError, ValueError and the decompression-bomb errors,
+# Pillow's decoders raise others for malformed files (NotImplementedError from a DDS, struct.error, IndexError):
+# every failure to decode one image is that image's problem, never the whole run's or the other images'.
+IMAGE_ERRORS = (Exception,)
 
 
 def is_usable_image(path):
@@ -430,7 +432,8 @@ class CaptionDataset(torch.utils.data.Dataset):
         name, caption = self.rows[index]
         try:
             pixels = preprocess(self.processor, [load_image(self.image_dir / name)])[0]
-        except IMAGE_ERRORS:
+        except IMAGE_ERRORS as exc:  # passed the up-front check (e.g. a JPEG cut short): left out here, by name
+            print(f"Left out {name}: not a decodable image ({type(exc).__name__}: {exc})", file=sys.stderr)
             return None
         return pixels, caption
 
@@ -1146,13 +1149,23 @@ def evaluate(run):
     return (total[0] / total[1]).item() if total[1] > 0 else None
 
 
-def sample_set(captions, names, image_dir, processor):
-    """The fixed validation images captioned at every sample round, with their first reference caption."""
-    if not names:
-        return None
+def sample_set(captions, names, image_dir, processor, count):
+    """The fixed validation images captioned at every sample round (the first `count` of `names` that decode),
+    with their first reference caption. One that passed the up-front check but does not decode is left out
+    by name."""
     first = captions.drop_duplicates("image_name").set_index("image_name")["caption"]
-    pixels = preprocess(processor, [load_image(Path(image_dir) / n) for n in names])
-    return {"names": names, "references": [first[n] for n in names], "pixel_values": pixels}
+    chosen, images = [], []
+    for name in names:
+        if len(chosen) == count:
+            break
+        try:
+            images.append(load_image(Path(image_dir) / name))
+            chosen.append(name)
+        except IMAGE_ERRORS as exc:
+            print(f"Left out sample image {name}: not a decodable image ({type(exc).__name__}: {exc})")
+    if not chosen:
+        return None
+    return {"names": chosen, "references": [first[n] for n in chosen], "pixel_values": preprocess(processor, images)}
 
 
 def prepare_data(cfg, main=True):
@@ -1269,7 +1282,7 @@ def prepare_run(cfg, held):
         train_model=train_model, rank=state.process_index, world=state.num_processes, main=state.is_main_process,
         optimizer=optimizer, scheduler=scheduler,
         scaler=torch.amp.GradScaler(device.type, enabled=compute_dtype == torch.float16),
-        samples=sample_set(captions, splits["val"][:cfg.num_sample_images], image_dir, processor),
+        samples=sample_set(captions, splits["val"], image_dir, processor, cfg.num_sample_images),
         batches_per_epoch=batches_per_epoch, total_steps=total_steps, log=None)
 
 

@@ -216,3 +216,55 @@ def test_entry_point_prints_no_traceback(tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith("error: data folder") and "Traceback" not in result.stderr
     result = run_script("training_script.py", "--device", "cuda:0" if not torch.cuda.is_available() else "nope")
     assert result.returncode == 1 and "Traceback" not in result.stderr
+
+
+# --- images that pass the up-front check, or fail in unusual ways (issue 10) ------------------------
+def test_a_sample_image_cut_short_is_left_out_by_name(tmp_path, capsys):
+    import pandas as pd
+    from transformers import ViTImageProcessor
+
+    for name, color in (("a.jpg", "red"), ("c.jpg", "blue"), ("d.jpg", "green")):
+        Image.new("RGB", (40, 40), color).save(tmp_path / name, quality=95)
+    photo = tmp_path / "photo.jpg"
+    Image.effect_noise((200, 200), 60).convert("RGB").save(photo, quality=90)
+    (tmp_path / "b.jpg").write_bytes(photo.read_bytes()[: photo.stat().st_size // 2])  # a JPEG cut short
+    assert ts.is_usable_image(tmp_path / "b.jpg")  # verify() does not see it: the sample set must
+    captions = pd.DataFrame({"image_name": ["a.jpg", "b.jpg", "c.jpg", "d.jpg"], "caption": ["x", "y", "z", "w"]})
+    processor = ViTImageProcessor(size={"height": 32, "width": 32})
+    samples = ts.sample_set(captions, ["b.jpg", "a.jpg", "c.jpg", "d.jpg"], tmp_path, processor, 2)
+    assert samples["names"] == ["a.jpg", "c.jpg"] and samples["references"] == ["x", "z"]
+    assert samples["pixel_values"].shape == (2, 3, 32, 32)
+    assert "Left out sample image b.jpg: not a decodable image" in capsys.readouterr().out
+
+
+def unusual_failure(real, bad_name):
+    """load_image that raises what a malformed DDS makes Pillow raise, for one file."""
+    def load(source):
+        if str(source).endswith(bad_name):
+            raise NotImplementedError("Unimplemented pixel format")
+        return real(source)
+    return load
+
+
+def test_an_image_failing_in_an_unusual_way_is_left_out_in_training(tmp_path, monkeypatch, capsys):
+    from transformers import ViTImageProcessor
+
+    for name in ("good.jpg", "odd.dds"):
+        Image.new("RGB", (40, 40), "red").save(tmp_path / name, format="JPEG")
+    monkeypatch.setattr(ts, "load_image", unusual_failure(ts.load_image, "odd.dds"))
+    dataset = ts.CaptionDataset([("good.jpg", "a"), ("odd.dds", "b")], tmp_path,
+                                ViTImageProcessor(size={"height": 32, "width": 32}))
+    assert dataset[0] is not None and dataset[1] is None
+    assert "Left out odd.dds: not a decodable image (NotImplementedError" in capsys.readouterr().err
+
+
+def test_an_image_failing_in_an_unusual_way_does_not_take_the_others_down(checkpoint, tmp_path, monkeypatch,
+                                                                          capsys):
+    for name in ("good.jpg", "odd.dds"):
+        Image.new("RGB", (40, 40), "red").save(tmp_path / name, format="JPEG")
+    monkeypatch.setattr(inference_script, "load_image", unusual_failure(inference_script.load_image, "odd.dds"))
+    code, out, err = cli(capsys, inference_script, "--weights", checkpoint, "--device", "cpu", "--max-new-tokens", "3",
+                         "--image", tmp_path / "odd.dds", "--image", tmp_path / "good.jpg")
+    assert code == 1 and f"Image URL: {tmp_path / 'good.jpg'}" in out
+    assert f"'{tmp_path / 'odd.dds'}' is not a readable image (Unimplemented pixel format)" in err
+    assert "1 of 2 images could not be captioned" in err and "Traceback" not in err
