@@ -60,22 +60,38 @@ SETTING_RULES = {
     "batch_size": (at_least(1), "1 or more"),
     "web_port": (lambda port: 1 <= port <= 65535, "a port from 1 to 65535"),
 }
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+Image.init()
+# Every file type Pillow opens by itself, for folder scans (.jpg, .png, .webp, .avif, .jfif, .jp2, .tga, .qoi, ...),
+# less its stubs that need a handler or an outside program (EPS: Ghostscript; WMF; HDF5, GRIB, BUFR; MPEG headers).
+IMAGE_SUFFIXES = {suffix for suffix, kind in Image.registered_extensions().items() if kind in Image.OPEN} - {
+    ".eps", ".ps", ".wmf", ".emf", ".h5", ".hdf", ".grib", ".bufr", ".mpeg", ".mpg"}
 URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 
 
-def expand_sources(values):
+def read_list(path):
+    """The lines of a .txt list, decoded tolerantly: UTF-8 with or without a BOM, else Latin-1 (which decodes
+    any byte), so a list saved by any editor is read."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text = data.decode("latin-1")
+    return [line.strip() for line in text.splitlines()]
+
+
+def expand_sources(values, in_list=False):
     """Each --image value as the images it names: a URL or file as itself, a folder as the image files in
-    it (sorted), a .txt file as its lines (URLs or paths; blank lines and # comments skipped)."""
+    it (sorted), a .txt file as its lines (URLs, paths or folders; blank lines and # comments skipped; a .txt
+    named inside a list is not opened again)."""
     for value in values:
         path = Path(value).expanduser()
         if URL.match(value):
             yield value
         elif path.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.iterdir()):
             yield from (str(p) for p in sorted(path.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES)
-        elif path.suffix.lower() == ".txt" and path.is_file():
-            lines = (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
-            yield from (line for line in lines if line and not line.startswith("#"))
+        elif path.suffix.lower() == ".txt" and path.is_file() and not in_list:
+            lines = [line for line in read_list(path) if line and not line.startswith("#")]
+            yield from expand_sources(lines, in_list=True)
         else:
             yield value
 

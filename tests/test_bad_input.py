@@ -268,3 +268,21 @@ def test_an_image_failing_in_an_unusual_way_does_not_take_the_others_down(checkp
     assert code == 1 and f"Image URL: {tmp_path / 'good.jpg'}" in out
     assert f"'{tmp_path / 'odd.dds'}' is not a readable image (Unimplemented pixel format)" in err
     assert "1 of 2 images could not be captioned" in err and "Traceback" not in err
+
+
+# --- lists and folders (issue 10) -------------------------------------------------------------------
+def test_lists_are_decoded_tolerantly_and_may_name_folders(tmp_path):
+    folder = tmp_path / "holiday photos"
+    folder.mkdir()
+    for name in ("b.jfif", "a.avif", "c.jpe", "notes.md", "clip.mpg"):
+        (folder / name).write_bytes(b"")  # the scan goes by file type; decoding is checked when captioned
+    cafe = tmp_path / "café.jpg"
+    Image.new("RGB", (8, 8)).save(cafe, format="JPEG")
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes("\ufeff# made by Notepad\r\nhttp://127.0.0.1:9/x.jpg\r\n".encode("utf-8"))
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes(f"{cafe}\n{folder}\n{bom}\n".encode("latin-1"))
+    sources = list(inference_script.expand_sources([str(bom), str(latin)]))
+    assert sources == ["http://127.0.0.1:9/x.jpg", str(cafe),  # the BOM is not part of the first line
+                       *(str(folder / n) for n in ("a.avif", "b.jfif", "c.jpe")),  # a folder named in a list
+                       str(bom)]  # a list named in a list is not opened again: it will be reported, not looped
