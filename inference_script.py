@@ -139,6 +139,8 @@ def fetch_image(source, timeout, max_bytes):
             raise Img2GPTError(f"image '{source}' not found: give an existing file or an http(s) URL")
         if path.is_dir():
             raise Img2GPTError(f"'{source}' is a folder with no images in it: give an image file or another folder")
+        if not path.is_file():  # reading a named pipe or a device would wait forever
+            raise Img2GPTError(f"'{source}' is not a regular file (a named pipe or a device): give an image file")
         what, opened = f"'{source}'", path
     try:
         return load_image(opened)
@@ -183,7 +185,10 @@ def serve_web(model, tokenizer, processor, open_image, cfg, say=print):
         raise Img2GPTError("the web page needs Gradio: pip install gradio") from None
 
     def caption(image_path, url, num_beams, max_new_tokens):
-        source = image_path or (url or "").strip()
+        url = (url or "").strip()
+        if not image_path and url and not re.match(r"^https?://", url, re.I):  # never a path on this server
+            raise gr.Error("The URL box takes http:// and https:// URLs only: drop a file into the image box.")
+        source = image_path or url
         if not source:
             raise gr.Error("Drop an image or paste its URL first.")
         settings = {**decoding_settings(cfg), "num_beams": int(num_beams), "max_new_tokens": int(max_new_tokens)}
@@ -205,7 +210,22 @@ def serve_web(model, tokenizer, processor, open_image, cfg, say=print):
                 result = gr.Textbox(label="Caption", elem_id="caption", interactive=False)
         button.click(caption, inputs=[image, url, beams, tokens], outputs=result, api_name="caption")
     say(f"Serving the Img2GPT page on http://127.0.0.1:{cfg.web_port} (Ctrl+C stops it)")
-    page.launch(server_name="127.0.0.1", server_port=cfg.web_port, quiet=True)
+    try:
+        page.launch(server_name="127.0.0.1", server_port=cfg.web_port, quiet=True)
+    except OSError as exc:  # the port was taken between the check at start and now
+        raise Img2GPTError(f"the page could not start on port {cfg.web_port} ({exc}): pick another --web-port") from None
+
+
+def require_free_port(port):
+    """The --web port must be free before minutes of model loading, not found busy after them."""
+    import socket
+
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise Img2GPTError(f"--web-port {port} is busy on 127.0.0.1 ({exc.strerror}): stop what uses it, or "
+                               "pick another --web-port") from None
 
 
 def main(argv=None):
@@ -216,6 +236,8 @@ def main(argv=None):
     # With --json, stdout carries only the records, so that scripts can read it line by line.
     say = partial(print, file=sys.stderr) if cfg.json_output else print
     device = resolve_device(cfg.device_choice)
+    if cfg.web:
+        require_free_port(cfg.web_port)
     say(f"Using device: {device}")
     model, tokenizer, processor = load_model(cfg.model_weights_path, device, cfg.vit_model_name,
                                              cfg.gpt2_model_name, say, cfg.quantize)

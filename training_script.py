@@ -336,6 +336,8 @@ IMAGE_ERRORS = (Exception,)
 
 
 def is_usable_image(path):
+    if not Path(path).is_file():  # missing, or a named pipe or device that would block the read forever
+        return False
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -286,3 +286,18 @@ def test_lists_are_decoded_tolerantly_and_may_name_folders(tmp_path):
     assert sources == ["http://127.0.0.1:9/x.jpg", str(cafe),  # the BOM is not part of the first line
                        *(str(folder / n) for n in ("a.avif", "b.jfif", "c.jpe")),  # a folder named in a list
                        str(bom)]  # a list named in a list is not opened again: it will be reported, not looped
+
+
+def test_a_named_pipe_never_hangs_a_run(checkpoint, tmp_path, capsys):
+    import os
+
+    os.mkfifo(tmp_path / "pipe.jpg")  # nothing ever writes to it: a read would wait forever
+    good = tmp_path / "good.jpg"
+    Image.new("RGB", (40, 40), "blue").save(good)
+    assert not ts.is_usable_image(tmp_path / "pipe.jpg")  # training's check at start passes it over
+    started = time.monotonic()
+    code, out, err = cli(capsys, inference_script, "--weights", checkpoint, "--device", "cpu", "--max-new-tokens", "3",
+                         "--image", tmp_path / "pipe.jpg", "--image", good)
+    assert time.monotonic() - started < 60
+    assert code == 1 and f"Image URL: {good}" in out
+    assert f"'{tmp_path / 'pipe.jpg'}' is not a regular file (a named pipe or a device)" in err

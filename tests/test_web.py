@@ -80,6 +80,22 @@ def test_page_captions_an_upload_and_a_url(page, checkpoint, flickr_dir, image_s
         client.predict(None, f"{image_server}/missing.jpg", 1, 8, api_name="/caption")
     with pytest.raises(Exception, match="Drop an image or paste its URL"):
         client.predict(None, "", 1, 8, api_name="/caption")
+    for path in ("/etc/hostname", "/root", str(image), "file:///etc/hostname"):  # the box reads no server path
+        with pytest.raises(Exception, match="takes http:// and https:// URLs only"):
+            client.predict(None, path, 1, 8, api_name="/caption")
+
+
+def test_a_busy_port_is_one_error_line_before_the_model_loads(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run([sys.executable, str(ROOT / "inference_script.py"), "--weights", tmp_path / "x.pth",
+                                 "--device", "cpu", "--web", "--web-port", str(port)], capture_output=True, text=True,
+                                timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"error: --web-port {port} is busy on 127.0.0.1" in result.stderr.strip().splitlines()[-1]
+    assert "Step 1" not in result.stdout and "Serving" not in result.stdout
 
 
 @pytest.mark.skipif(chromium_path() is None, reason="no Chromium installed (apt-get install chromium)")
