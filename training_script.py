@@ -831,9 +831,10 @@ def save_checkpoint(path, model, model_config, extra):
     """Plain types and tensors only, so torch.load(path, weights_only=True) opens it; written atomically.
     Weights holding NaN or inf are never written: the run has diverged, and that is an Img2GPTError."""
     weights = trained_weights(model)
-    if non_finite_parts(weights):
-        raise Img2GPTError(DIVERGED.format(where=f": the {', '.join(non_finite_parts(weights))} weights hold NaN "
-                                                 f"or inf, so '{Path(path).name}' was not written"))
+    broken = non_finite_parts(weights)  # one scan of every tensor, not two
+    if broken:
+        raise Img2GPTError(DIVERGED.format(where=f": the {', '.join(broken)} weights hold NaN or inf, so "
+                                                 f"'{Path(path).name}' was not written"))
     state = {"format": CHECKPOINT_FORMAT, "config": model_config, "versions": library_versions(),
              "weights": weights, "trained_in_4bit": model.quantized, **extra}
     write_atomically(path, lambda file: torch.save(state, file))
@@ -877,9 +878,10 @@ def load_checkpoint(path):
         if not isinstance(tensors, dict) or not all(torch.is_tensor(t) for t in tensors.values()):
             raise Img2GPTError(f"Img2GPT checkpoint '{path}' has weights '{part}' that are not tensors: it was "
                                "edited; use one written by training_script.py")
-    if non_finite_parts(state["weights"]):
-        raise Img2GPTError(f"'{path}' holds NaN or inf weights ({', '.join(non_finite_parts(state['weights']))}): "
-                           "it comes from a run that diverged; use an earlier checkpoint")
+    broken = non_finite_parts(state["weights"])
+    if broken:
+        raise Img2GPTError(f"'{path}' holds NaN or inf weights ({', '.join(broken)}): it comes from a run that "
+                           "diverged; use an earlier checkpoint")
     return state
 
 
