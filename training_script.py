@@ -101,6 +101,12 @@ CHECKPOINT_FORMAT = "img2gpt-v1"
 # What a training run leaves in OUTPUT_DIR: a folder holding any of these holds a run.
 RUN_FILES = ("img2gpt_last.pth", "img2gpt_epoch_*.pth", "training_log.jsonl", "loss.png", "eval_img2gpt_*.json")
 LOCK_FILE = ".img2gpt.lock"
+# On --resume these may differ from the saved run: each takes effect from the batch reached, and is said.
+RESUME_MAY_CHANGE = ("learning_rate", "num_epochs", "eval_interval", "num_sample_images", "save_interval",
+                     "max_bad_batches", "max_new_tokens", "num_beams", "no_repeat_ngram_size", "repetition_penalty",
+                     "eval_after_training", "num_workers", "device_choice", "quantize")
+# These shape the trained weights (the checkpoint's config holds them): a resume that differs is refused.
+RESUME_FIXED = ("lora_r", "lora_alpha", "lora_dropout", "max_caption_tokens", "prefix_pool_grid", "projector")
 MODEL_CONFIG_KEYS = ("vit_model", "gpt2_model", "lora_r", "lora_alpha", "lora_dropout", "max_caption_tokens",
                      "vision_lora_targets", "lm_lora_targets", "projection_in", "projection_out")
 # The type of every model-config value a checkpoint may hold: a file edited by hand is refused, not half-loaded.
@@ -159,13 +165,17 @@ TRAINING_RULES = {
 }
 
 
+def flag_of(name, aliases):
+    """The command-line flag of setting `name` ("batch_size" -> "--batch-size", "num_epochs" -> "--epochs")."""
+    return aliases.get(name.upper(), "--" + name.replace("_", "-"))
+
+
 def check_settings(cfg, rules, aliases):
     """One error line for the first setting out of its range, naming its flag, its value and what is allowed."""
     for name, (allowed, text) in rules.items():
         value = getattr(cfg, name)
         if not allowed(value):
-            flag = aliases.get(name.upper(), "--" + name.replace("_", "-"))
-            raise Img2GPTError(f"{flag} {value!r} is out of range: give {text}")
+            raise Img2GPTError(f"{flag_of(name, aliases)} {value!r} is out of range: give {text}")
 
 
 # --- Configuration --------------------------------------------------------------------------------
@@ -816,8 +826,8 @@ def write_atomically(path, write):
         raise
 
 
-DIVERGED = ("training diverged{where}: lower --learning-rate and start over with --overwrite (img2gpt_last.pth "
-            "and the epoch files hold only weights from before)")
+DIVERGED = ("training diverged{where}: lower --learning-rate and --resume auto (img2gpt_last.pth holds the weights "
+            "of the last save before it; the new rate applies from there), or start over with --overwrite")
 
 
 def non_finite_parts(weights):
@@ -1049,9 +1059,9 @@ def sample_captions(run, epoch, step):
 def training_state(run, epoch, step, loss_sum, loss_count):
     """Everything besides the weights that a resumed run needs, as plain types and tensors."""
     return {"epoch": epoch, "step": step, "batch_size": run.cfg.batch_size, "seed": run.cfg.seed,
-            "processes": run.world,
+            "processes": run.world, "settings": run.settings, "train_split": run.train_split,
             "loss_sum": loss_sum, "loss_count": loss_count, "optimizer": run.optimizer.state_dict(),
-            "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
+            "schedule": run.schedule, "scaler": run.scaler.state_dict(),
             "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
 
@@ -1063,19 +1073,103 @@ def save_last(run, epoch, step, loss_sum=0.0, loss_count=0):
                         {"training_state": training_state(run, epoch, step, loss_sum, loss_count)})
 
 
-def restore_training_state(run, state):
-    """Put optimizer, schedule, GradScaler and RNG back as saved; returns (epoch, step, loss_sum, loss_count)."""
+def linear_schedule(warmup, total):
+    """The learning-rate plan of a fresh run: linear warm-up to the peak over `warmup` batches, then a straight
+    line down to 0 at batch `total` (what transformers' get_linear_schedule_with_warmup does), as plain numbers
+    that a checkpoint stores and a resume can extend."""
+    return {"warmup": warmup, "from_step": warmup, "from_factor": 1.0, "total": total}
+
+
+def schedule_factor(plan, step):
+    """The fraction of the peak --learning-rate used at batch `step` (counted over all epochs)."""
+    if step < plan["warmup"]:
+        return step / plan["warmup"]
+    return plan["from_factor"] * max(0, plan["total"] - step) / max(1, plan["total"] - plan["from_step"])
+
+
+def extend_schedule(plan, step, total):
+    """The plan of a resume at batch `step` whose --epochs make `total` batches. Past the warm-up, a new line
+    from where the rate stands down to 0 at the new end, so more (or fewer) epochs never make it jump; epochs
+    added to a run that ended, whose rate reached 0, go from the peak down to 0 (at 0 they would learn nothing)."""
+    if total == plan["total"]:
+        return plan
+    if step < plan["warmup"]:
+        return {**plan, "total": total}
+    start = 1.0 if step >= plan["total"] else schedule_factor(plan, step)
+    return {**plan, "from_step": step, "from_factor": start, "total": total}
+
+
+def make_scheduler(optimizer, plan, peak, step):
+    """A LambdaLR following `plan` under the peak rate `peak`, standing at batch `step`."""
+    for group in optimizer.param_groups:  # a resume's optimizer state brings the saved rate: the peak given wins
+        group["lr"] = group["initial_lr"] = peak
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(schedule_factor, plan), last_epoch=step - 1)
+
+
+def train_split_digest(splits):
+    """A short fingerprint of the training images: a resume must see the same ones in the same order."""
+    import hashlib
+
+    names = "\n".join(sorted(splits["train"]))
+    return {"images": len(splits["train"]), "sha256": hashlib.sha256(names.encode("utf-8")).hexdigest()[:16]}
+
+
+def check_resume(cfg, state, processes):
+    """The model config a resume rebuilds, checked against the run's settings before anything slow loads: what
+    the batch order or the trained weights depend on must be as saved; --vit-model / --gpt2-model, when set,
+    name other copies of the base models (their families are checked when they load)."""
     train = state.get("training_state")
     if train is None:
         raise Img2GPTError("this checkpoint holds no training state (epoch files hold weights only): "
                            "resume from img2gpt_last.pth in the same OUTPUT_DIR")
     saved = (train["batch_size"], train["seed"], train.get("processes", 1))
-    if saved != (run.cfg.batch_size, run.cfg.seed, run.world):
+    if saved != (cfg.batch_size, cfg.seed, processes):
         raise Img2GPTError(f"resume with the run's own --batch-size {saved[0]}, --seed {saved[1]} and {saved[2]} "
                            "process(es): the batch order depends on them")
+    config = dict(state["config"])
+    fixed = {name: config.get(name, {"prefix_pool_grid": 0, "projector": "linear"}.get(name)) for name in RESUME_FIXED}
+    fixed["warmup_steps"] = train.get("settings", {}).get("warmup_steps", cfg.warmup_steps)
+    for name, was in fixed.items():
+        if getattr(cfg, name) != was:
+            flag = flag_of(name, FLAG_ALIASES)
+            raise Img2GPTError(f"{flag} {getattr(cfg, name)!r} differs from the run's {was!r}, which its "
+                               f"{'schedule depends' if name == 'warmup_steps' else 'trained weights depend'} on: resume "
+                               f"with {flag} {was}, or start a new run in another --output-dir")
+    for key, name, default in (("vit_model", cfg.vit_model_name, VIT_MODEL_NAME),
+                               ("gpt2_model", cfg.gpt2_model_name, GPT2_MODEL_NAME)):
+        if name != default:  # as for --evaluate and inference: the flag names another copy
+            config[key] = name
+    return config
+
+
+def check_resume_split(state, train_split):
+    """A resume must train on the images the run trained on: other data or split settings are refused."""
+    saved = state["training_state"].get("train_split", train_split)  # older checkpoints did not record it
+    if saved != train_split:
+        raise Img2GPTError(f"the training images differ from the run's ({train_split['images']} now, "
+                           f"{saved['images']} then): resume with its own data and --val-images, --test-images "
+                           "and --karpathy-split-file")
+
+
+def resume_changes(cfg, state):
+    """{setting: (saved, now)} for the RESUME_MAY_CHANGE settings given other values than the saved run's."""
+    saved = state["training_state"].get("settings", {})
+    return {name: (saved[name], getattr(cfg, name)) for name in RESUME_MAY_CHANGE
+            if name in saved and saved[name] != getattr(cfg, name)}
+
+
+def restore_training_state(run, state):
+    """Put weights, optimizer, GradScaler and RNG back as saved and the schedule at the batch reached, with a
+    changed --learning-rate or --epochs in force from there; returns (epoch, step, loss_sum, loss_count)."""
+    train = state["training_state"]
     load_trained_weights(run.model, state["weights"])
     run.optimizer.load_state_dict(train["optimizer"])
-    run.scheduler.load_state_dict(train["scheduler"])
+    reached = (train["epoch"] - 1) * run.batches_per_epoch + train["step"]
+    # Checkpoints from before the stored plan followed the plain linear schedule of the settings given.
+    plan = train.get("schedule", run.schedule)
+    run.schedule = extend_schedule(plan, reached, run.total_steps)
+    run.schedule_restarted = reached >= plan["total"] and run.schedule != plan  # epochs added to an ended run
+    run.scheduler = make_scheduler(run.optimizer, run.schedule, run.cfg.learning_rate, reached)
     run.scaler.load_state_dict(train["scaler"])
     random.setstate(train["rng"]["python"])
     torch.set_rng_state(train["rng"]["torch"])
@@ -1109,7 +1203,7 @@ def train_one_epoch(run, epoch, start_step=0, loss_sum=0.0, loss_count=0):
                 run.scaler.update()
                 bad_in_row, loss_sum, loss_count = 0, loss_sum + value, loss_count + 1
                 bar.set_postfix(loss=f"{value:.4f}")
-                run.log.write(type="batch", epoch=epoch, step=step, loss=value, lr=run.scheduler.get_last_lr()[0])
+                run.log.write(type="batch", epoch=epoch, step=step, loss=value, lr=optimizer.param_groups[0]["lr"])
             else:
                 bad_in_row += 1
                 run.log.write(type="nonfinite", epoch=epoch, step=step, loss=str(value))
@@ -1241,7 +1335,7 @@ def prepare_run(cfg, held):
     """Data, model, optimizer and schedule of a run, gathered in one namespace the stages share; None when the
     run in OUTPUT_DIR is already complete. OUTPUT_DIR stays locked until the ExitStack `held` closes."""
     from accelerate import PartialState
-    from transformers import get_linear_schedule_with_warmup, set_seed
+    from transformers import set_seed
 
     set_seed(cfg.seed)
     # Under `accelerate launch` there is one process per GPU (or --cpu --num_processes N): each takes its device
@@ -1259,14 +1353,17 @@ def prepare_run(cfg, held):
             print(f"The run in '{output_dir}' is complete: all {cfg.num_epochs} epochs are trained "
                   f"({output_dir / f'img2gpt_epoch_{cfg.num_epochs}.pth'}). Nothing to do.")
         return None
+    model_config = check_resume(cfg, resume, state.num_processes) if resume else model_config_from(cfg)
 
     with state.main_process_first():  # the main process downloads; the others then find the cached copy
         data = prepare_data(cfg, main=state.is_main_process)
     captions, image_dir, splits = data.captions, data.image_dir, data.splits
     if not splits["train"]:
         raise Img2GPTError(f"too few images to train on ({len(set(captions['image_name']))})")
+    train_split = train_split_digest(splits)
+    if resume:
+        check_resume_split(resume, train_split)
 
-    model_config = resume["config"] if resume else model_config_from(cfg)
     model, tokenizer, processor, model_config = build_model(model_config, device, quantize=cfg.quantize)
     datasets = make_datasets(captions, splits, image_dir, processor)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -1278,13 +1375,15 @@ def prepare_run(cfg, held):
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     total_steps = cfg.num_epochs * batches_per_epoch
-    scheduler = get_linear_schedule_with_warmup(optimizer, min(cfg.warmup_steps, total_steps // 2), total_steps)
+    schedule = linear_schedule(min(cfg.warmup_steps, total_steps // 2), total_steps)  # a resume replaces it
     return types.SimpleNamespace(
         cfg=cfg, device=device, quantize=quantize, compute_dtype=compute_dtype, output_dir=output_dir,
         model=model, tokenizer=tokenizer, processor=processor, model_config=model_config, data=data,
         datasets=datasets, splits=splits, left_out=data.left_out, resume=resume, trainable=trainable,
         train_model=train_model, rank=state.process_index, world=state.num_processes, main=state.is_main_process,
-        optimizer=optimizer, scheduler=scheduler,
+        optimizer=optimizer, schedule=schedule, scheduler=make_scheduler(optimizer, schedule, cfg.learning_rate, 0),
+        settings={name: value for name, value in vars(cfg).items() if isinstance(value, (bool, int, float, str))},
+        train_split=train_split,
         scaler=torch.amp.GradScaler(device.type, enabled=compute_dtype == torch.float16),
         samples=sample_set(captions, splits["val"], image_dir, processor, cfg.num_sample_images),
         batches_per_epoch=batches_per_epoch, total_steps=total_steps, log=None)
@@ -1360,16 +1459,31 @@ def plot_losses(log_path, png_path, batches_per_epoch):
     plt.close(figure)
 
 
+def print_resume_changes(run, changes, epoch, step):
+    """What a resume does differently from the saved run, from the batch after `step`, and the rate it uses."""
+    if not changes:
+        return
+    print(f"Changed on resume, from epoch {epoch} batch {step + 1}: "
+          + ", ".join(f"{flag_of(name, FLAG_ALIASES)} {was} -> {now}" for name, (was, now) in changes.items()))
+    if {"learning_rate", "num_epochs"} & changes.keys():
+        restarted = " (the saved schedule had ended at 0: the added epochs start again from the peak)"
+        print(f"Learning rate now {run.optimizer.param_groups[0]['lr']:.3g} (peak {run.cfg.learning_rate:g}), falling "
+              f"linearly to 0 at the end of epoch {run.cfg.num_epochs}{restarted if run.schedule_restarted else ''}")
+
+
 def train(run):
     """The epochs, from the start or from where a resumed checkpoint stopped."""
     epoch, step, loss_sum, loss_count = 1, 0, 0.0, 0
+    changes = {}
     if run.resume:
         epoch, step, loss_sum, loss_count = restore_training_state(run, run.resume)
+        changes = resume_changes(run.cfg, run.resume)
         if run.main:
             print(f"Resuming from '{run.cfg.resume_from}': epoch {epoch}, after batch {step}")
             was, now = ("4bit" if bits else "none" for bits in (run.resume.get("trained_in_4bit"), run.quantize))
             if was != now:  # allowed: the adapters have the same names and shapes either way
                 print(f"Note: this run was trained with --quantize {was} and goes on with --quantize {now}")
+            print_resume_changes(run, changes, epoch, step)
     # Which rows each process's first batch holds: the record that data-parallel processes got their own share.
     first = next(iter(EpochBatchSampler(len(run.datasets["train"]), run.cfg.batch_size, run.cfg.seed, epoch, step,
                                         run.rank, run.world)), [])
@@ -1378,6 +1492,8 @@ def train(run):
         first_batches = [None] * run.world
         torch.distributed.all_gather_object(first_batches, first)
     run.log.write(type="start", epoch=epoch, step=step, resumed_from=run.cfg.resume_from,
+                  changed={name: list(pair) for name, pair in changes.items()},
+                  lr=run.optimizer.param_groups[0]["lr"],
                   left_out_images=len(run.left_out), processes=run.world, first_batches=first_batches,
                   quantize="4bit" if run.quantize else "none", linear4bit_layers=count_4bit_layers(run.model))
     for epoch in range(epoch, run.cfg.num_epochs + 1):

@@ -24,12 +24,13 @@ def read_log(path):
 
 
 def runs_of(records):
-    """The log split at each 'start' record: one list of records per run."""
+    """The log split at each 'start' record: one list of records per run (what comes before the first is not)."""
     runs = []
     for record in records:
         if record["type"] == "start":
             runs.append([])
-        runs[-1].append(record)
+        if runs:
+            runs[-1].append(record)
     return runs
 
 
