@@ -12,7 +12,9 @@ checkpoint trained in 4-bit on a GPU captions on a CPU-only machine).
 import io
 import json
 import re
+import socket
 import sys
+import threading
 from functools import partial
 from pathlib import Path
 
@@ -96,33 +98,127 @@ def expand_sources(values, in_list=False):
             yield value
 
 
-def download(url, timeout, max_bytes):
-    """The body of an http(s) URL, streamed so that neither a slow nor a huge answer can hang or fill memory."""
-    import time
+class Deadline:
+    """Ends one download when its time is up, or at once on Deadline.stop_all() (Ctrl+C), by shutting down its
+    sockets: that wakes a read blocked on them. A socket's own timeout is no deadline: a server sending a byte
+    a second restarts it with every byte, in the headers as in the body."""
 
-    import requests
+    in_flight = set()
+    stopped = threading.Event()  # set once by Ctrl+C: downloads queued after it end before they start
 
-    deadline = time.monotonic() + timeout
+    def __init__(self, seconds):
+        self.sockets, self.expired, self.lock = [], threading.Event(), threading.Lock()
+        self.timer = threading.Timer(seconds, self.expire)
+        self.timer.daemon = True
+
+    def __enter__(self):
+        Deadline.in_flight.add(self)
+        self.timer.start()
+        if Deadline.stopped.is_set():
+            self.expire()
+        return self
+
+    def __exit__(self, *exc):
+        self.timer.cancel()
+        Deadline.in_flight.discard(self)
+
+    def watch(self, sock):
+        """Called with each socket the download connects (redirects included)."""
+        with self.lock:
+            self.sockets.append(sock)
+            if not self.expired.is_set():
+                return
+        shut_down(sock)
+
+    def expire(self):
+        with self.lock:
+            self.expired.set()
+            sockets = list(self.sockets)
+        for sock in sockets:
+            shut_down(sock)
+
+    @classmethod
+    def stop_all(cls):
+        cls.stopped.set()
+        for deadline in list(cls.in_flight):
+            deadline.expire()
+
+
+def shut_down(sock):
     try:
-        with requests.get(url, timeout=timeout, stream=True, headers={"User-Agent": "Img2GPT"}) as response:
-            if response.status_code >= 400:
-                raise Img2GPTError(f"'{url}' answered HTTP {response.status_code} {response.reason}: check the URL")
-            if int(response.headers.get("Content-Length") or 0) > max_bytes:
-                raise Img2GPTError(f"'{url}' is larger than {max_bytes:,} bytes (--max-image-bytes)")
-            body = bytearray()
-            for chunk in response.iter_content(chunk_size=1 << 16):
-                body += chunk
-                if len(body) > max_bytes:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:  # already closed
+        pass
+
+
+def watched_session(watch):
+    """A requests Session that hands every socket it connects, through any proxy or redirect, to watch(sock):
+    its connection pools are subclassed so that each new connection reports its socket."""
+    import requests
+    from requests.adapters import HTTPAdapter
+
+    def pool_class(base):
+        class Connection(base.ConnectionCls):
+            def _new_conn(self):
+                sock = super()._new_conn()
+                watch(sock)
+                return sock
+
+        return type(base.__name__, (base,), {"ConnectionCls": Connection})
+
+    def watching(pools_by_scheme):
+        return {scheme: pool_class(base) for scheme, base in pools_by_scheme.items()}
+
+    class Adapter(HTTPAdapter):
+        def init_poolmanager(self, *args, **kwargs):
+            super().init_poolmanager(*args, **kwargs)
+            self.poolmanager.pool_classes_by_scheme = watching(self.poolmanager.pool_classes_by_scheme)
+
+        def proxy_manager_for(self, proxy, **kwargs):
+            fresh = proxy not in self.proxy_manager
+            manager = super().proxy_manager_for(proxy, **kwargs)
+            if fresh:
+                manager.pool_classes_by_scheme = watching(manager.pool_classes_by_scheme)
+            return manager
+
+    session = requests.Session()
+    session.mount("http://", Adapter())
+    session.mount("https://", Adapter())
+    return session
+
+
+def download(url, timeout, max_bytes):
+    """The body of an http(s) URL, streamed so that neither a slow nor a huge answer can hang or fill memory:
+    all of it (connecting, headers, body, redirects) ends within `timeout` seconds."""
+    import requests
+    from urllib3.exceptions import HTTPError
+
+    with Deadline(timeout) as deadline, watched_session(deadline.watch) as session:
+        try:
+            with session.get(url, timeout=timeout, stream=True, headers={"User-Agent": "Img2GPT"}) as response:
+                if response.status_code >= 400:
+                    raise Img2GPTError(f"'{url}' answered HTTP {response.status_code} {response.reason}: "
+                                       "check the URL")
+                if int(response.headers.get("Content-Length") or 0) > max_bytes:
                     raise Img2GPTError(f"'{url}' is larger than {max_bytes:,} bytes (--max-image-bytes)")
-                if time.monotonic() > deadline:
-                    raise requests.Timeout()
-            return bytes(body), response.headers.get("Content-Type", "")
-    except requests.Timeout:
-        raise Img2GPTError(f"'{url}' did not answer within {timeout} s (--request-timeout)") from None
-    except requests.ConnectionError:
-        raise Img2GPTError(f"could not connect to '{url}': check the address and your connection") from None
-    except requests.RequestException as exc:
-        raise Img2GPTError(f"could not download '{url}' ({type(exc).__name__})") from None
+                body = bytearray()
+                for chunk in response.iter_content(chunk_size=1 << 16):
+                    body += chunk
+                    if len(body) > max_bytes:
+                        raise Img2GPTError(f"'{url}' is larger than {max_bytes:,} bytes (--max-image-bytes)")
+                if not deadline.expired.is_set():  # a body cut at the deadline may look complete: it is not
+                    return bytes(body), response.headers.get("Content-Type", "")
+        except (requests.RequestException, HTTPError, OSError) as exc:
+            if not deadline.expired.is_set():
+                if isinstance(exc, requests.Timeout):
+                    raise Img2GPTError(f"'{url}' did not answer within {timeout} s (--request-timeout)") from None
+                if isinstance(exc, requests.ConnectionError):
+                    raise Img2GPTError(f"could not connect to '{url}': check the address and your connection"
+                                       ) from None
+                raise Img2GPTError(f"could not download '{url}' ({type(exc).__name__})") from None
+    if Deadline.stopped.is_set():
+        raise Img2GPTError(f"'{url}': download stopped (interrupted)")
+    raise Img2GPTError(f"'{url}' did not answer within {timeout} s (--request-timeout)")
 
 
 def fetch_image(source, timeout, max_bytes):
@@ -228,6 +324,23 @@ def require_free_port(port):
                                "pick another --web-port") from None
 
 
+def report(results, json_output):
+    """Print each (source, caption or error) as it comes; returns (failed, total)."""
+    failed = total = 0
+    for source, caption in results:
+        total += 1
+        error = caption if isinstance(caption, Exception) else None
+        if json_output:
+            print(json.dumps({"image": source, "caption": None if error else caption,
+                              "error": str(error) if error else None}), flush=True)
+        if error:  # one bad image does not stop the others
+            print(f"error: {error}", file=sys.stderr)
+            failed += 1
+        elif not json_output:
+            print(f"\n{RULE}\n      INFERENCE RESULT\n{RULE}\nImage URL: {source}\nGenerated Caption: {caption}\n{RULE}")
+    return failed, total
+
+
 def main(argv=None):
     cfg = parse_config(CONSTANTS, argv, FLAG_ALIASES, __doc__, repeatable=("IMAGE_URL",), script=__file__)
     check_settings(cfg, SETTING_RULES, FLAG_ALIASES)
@@ -246,18 +359,11 @@ def main(argv=None):
         return serve_web(model, tokenizer, processor, open_image, cfg, say)
     results = caption_sources(model, tokenizer, processor, expand_sources(cfg.image_url), open_image,
                               cfg.batch_size, decoding_settings(cfg), on_batch=partial(announce_batch, say=say))
-    failed = total = 0
-    for source, caption in results:
-        total += 1
-        error = caption if isinstance(caption, Exception) else None
-        if cfg.json_output:
-            print(json.dumps({"image": source, "caption": None if error else caption,
-                              "error": str(error) if error else None}), flush=True)
-        if error:  # one bad image does not stop the others
-            print(f"error: {error}", file=sys.stderr)
-            failed += 1
-        elif not cfg.json_output:
-            print(f"\n{RULE}\n      INFERENCE RESULT\n{RULE}\nImage URL: {source}\nGenerated Caption: {caption}\n{RULE}")
+    try:
+        failed, total = report(results, cfg.json_output)
+    except KeyboardInterrupt:
+        Deadline.stop_all()  # downloads in flight end now, not at their deadlines, so the process exits at once
+        raise
     if failed:
         sys.exit(f"error: {failed} of {total} images could not be captioned")
     if total == 0:

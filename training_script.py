@@ -750,8 +750,8 @@ def prefetch(function, items, ahead, workers=4):
         except (Img2GPTError, *IMAGE_ERRORS) as error:
             return error
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending = deque()
+    pool, pending = ThreadPoolExecutor(max_workers=workers), deque()
+    try:
         for item in items:
             pending.append((item, pool.submit(guarded, item)))
             if len(pending) > ahead:
@@ -760,6 +760,8 @@ def prefetch(function, items, ahead, workers=4):
         while pending:
             item, future = pending.popleft()
             yield item, future.result()
+    finally:  # on Ctrl+C, or when the caller stops early: what is queued is dropped, not waited for
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def caption_sources(model, tokenizer, processor, sources, open_image, batch_size, decoding, on_batch=None):

@@ -1,8 +1,12 @@
 """Bad input ends in one clear 'error: ...' line and a non-zero exit, never a traceback, nothing half-done."""
 
 import http.server
+import os
 import pickle
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -12,7 +16,7 @@ from PIL import Image
 
 import inference_script
 import training_script as ts
-from conftest import build_tiny_models, run_script, train_args, write_png_header
+from conftest import ROOT, build_tiny_models, run_script, train_args, write_png_header
 
 
 @pytest.fixture(scope="module")
@@ -204,6 +208,81 @@ def test_every_bad_image_is_reported_and_the_good_ones_captioned(checkpoint, ser
     for line, (source, reason) in zip(errors, expected.items()):
         assert reason in line and source.split("://")[-1][:20] in line, (source, line)
     assert errors[-1] == f"error: {len(expected)} of {len(sources)} images could not be captioned"
+
+
+class Trickle:
+    """A server answering one byte every 0.1 s, for at most 30 s, so that no socket timeout ever fires:
+    /headers trickles its status line and headers, /body a body of a declared 100,000 bytes, /unsized a body
+    without Content-Length (its end is the connection's end). `connected` is set at each connection."""
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.connected = threading.Event()
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self):
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            self.connected.set()
+            threading.Thread(target=self.answer, args=(connection,), daemon=True).start()
+
+    def answer(self, connection):
+        with connection:
+            path = connection.recv(4096).split(b" ")[1]
+            head = b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\n"
+            slow = {b"/headers": head + b"X-Padding: " + b"x" * 1000,
+                    b"/body": b"Content-Length: 100000\r\n\r\n" + b"\0" * 1000,
+                    b"/unsized": b"Connection: close\r\n\r\n" + b"\0" * 1000}[path]
+            if path != b"/headers":
+                connection.sendall(head)
+            started = time.monotonic()
+            try:
+                for byte in slow:
+                    if time.monotonic() - started > 30:
+                        return
+                    connection.sendall(bytes([byte]))
+                    time.sleep(0.1)
+            except OSError:  # the client hung up
+                return
+
+
+@pytest.fixture()
+def trickle():
+    server = Trickle()
+    yield server
+    server.listener.close()
+
+
+@pytest.mark.parametrize("path", ["/headers", "/body", "/unsized"])
+def test_a_byte_a_second_server_cannot_outlast_the_timeout(trickle, path):
+    started = time.monotonic()
+    with pytest.raises(ts.Img2GPTError, match=r"did not answer within 1.5 s \(--request-timeout\)"):
+        inference_script.download(trickle.url + path, 1.5, 10**6)
+    assert time.monotonic() - started < 10  # the server trickles for 30 s
+
+
+def test_ctrl_c_stops_inference_during_a_slow_download(checkpoint, trickle, tmp_path):
+    good = tmp_path / "good.png"
+    Image.new("RGB", (32, 32), "red").save(good)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "inference_script.py"), "--weights", str(checkpoint), "--device", "cpu",
+         "--request-timeout", "120", "--image", trickle.url + "/body", "--image", str(good)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    assert trickle.connected.wait(120), "the download never started"
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    try:
+        out, err = process.communicate(timeout=20)  # the download's own deadline is 120 s away
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise AssertionError("Ctrl+C did not stop inference") from None
+    assert process.returncode == 1 and err.strip().splitlines()[-1] == "interrupted", err
+    assert "Traceback" not in err and "Generated Caption" not in out
 
 
 def test_default_request_timeout_is_under_a_minute():
