@@ -23,7 +23,8 @@ from PIL import Image, UnidentifiedImageError
 
 from training_script import (DECODING_RULES, IMAGE_ERRORS, Img2GPTError, at_least, caption_sources,
                              check_settings, choose_precision, decoding_settings, load_checkpoint, load_image,
-                             parse_config, positive_finite, rebuild_from_checkpoint, resolve_device, run_cli)
+                             parse_config, positive_finite, read_text, rebuild_from_checkpoint, resolve_device,
+                             run_cli)
 
 # --- What to caption ------------------------------------------------------------------------------
 MODEL_WEIGHTS_PATH = "img2gpt_epoch_3.pth"  # checkpoint written by training_script.py
@@ -70,17 +71,6 @@ IMAGE_SUFFIXES = {suffix for suffix, kind in Image.registered_extensions().items
 URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 
 
-def read_list(path):
-    """The lines of a .txt list, decoded tolerantly: UTF-8 with or without a BOM, else Latin-1 (which decodes
-    any byte), so a list saved by any editor is read."""
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        text = data.decode("latin-1")
-    return [line.strip() for line in text.splitlines()]
-
-
 def expand_sources(values, in_list=False):
     """Each --image value as the images it names: a URL or file as itself, a folder as the image files in
     it (sorted), a .txt file as its lines (URLs, paths or folders; blank lines and # comments skipped; a .txt
@@ -92,7 +82,8 @@ def expand_sources(values, in_list=False):
         elif path.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.iterdir()):
             yield from (str(p) for p in sorted(path.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES)
         elif path.suffix.lower() == ".txt" and path.is_file() and not in_list:
-            lines = [line for line in read_list(path) if line and not line.startswith("#")]
+            lines = [line.strip() for line in read_text(path).splitlines()]
+            lines = [line for line in lines if line and not line.startswith("#")]
             yield from expand_sources(lines, in_list=True)
         else:
             yield value

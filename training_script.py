@@ -14,6 +14,7 @@ rebuilds the model from.
 import argparse
 import contextlib
 import inspect
+import io
 import json
 import logging
 import math
@@ -21,6 +22,7 @@ import os
 import random
 import re
 import shutil
+import subprocess
 import sys
 import types
 import warnings
@@ -37,8 +39,9 @@ QUANTIZE = "auto"  # "auto" (4-bit on CUDA, none on a CPU), "4bit" (NF4 QLoRA on
 NUM_WORKERS = 2  # DataLoader worker processes decoding images (0: decode in the main process)
 
 # --- Data -----------------------------------------------------------------------------------------
-KAGGLE_DATASET = "hsankesara/flickr-image-dataset"  # Kaggle handle downloaded with kagglehub
-DATA_DIR = None  # folder holding results.csv and the images; None: download KAGGLE_DATASET
+KAGGLE_DATASET = "hsankesara/flickr-image-dataset"  # Kaggle handle downloaded with kagglehub (Flickr8k: adityajn105/flickr8k)
+DATA_DIR = None  # folder of captioned images in any layout README "Your own data" lists; None: download KAGGLE_DATASET
+KARPATHY_SPLIT_FILE = "auto"  # "auto": the data's own split, else Karpathy's standard one (downloaded); a dataset_*.json path; "none": seeded
 OUTPUT_DIR = "."  # where img2gpt_epoch_N.pth and training_log.jsonl are written
 VAL_IMAGES = 1014  # validation images (Karpathy's Flickr30k size); at most 10% of the images on small data
 TEST_IMAGES = 1000  # test images held out of training; at most 10% of the images on small data
@@ -69,7 +72,6 @@ NO_REPEAT_NGRAM_SIZE = 0  # never repeat an n-gram of this many tokens (0: off)
 REPETITION_PENALTY = 1.0  # above 1 discourages repeating tokens (1.0: off)
 EVAL_AFTER_TRAINING = True  # score the last epoch on the test split when training ends
 EVALUATE = None  # checkpoint to score on the test split instead of training; None: train
-KARPATHY_SPLIT_FILE = None  # Karpathy's dataset_flickr30k.json: its train/val/test split; None: seeded split
 
 # --- Interruptions --------------------------------------------------------------------------------
 SAVE_INTERVAL = 200  # batches between saves of OUTPUT_DIR/img2gpt_last.pth (a disconnect loses at most these)
@@ -98,6 +100,23 @@ QUANTIZE_CHOICES = ("auto", "4bit", "none")
 # bitsandbytes' first release with a CPU backend for 4-bit (Linear4bit forward and backward without CUDA).
 MIN_BITSANDBYTES_FOR_CPU = "0.46"
 CHECKPOINT_FORMAT = "img2gpt-v1"
+# The caption layouts DATA_DIR may hold, recognised by content (sniff_layout), in order of preference.
+LAYOUTS = {
+    "imagefolder": "metadata.jsonl or metadata.csv with file_name and text/caption (Hugging Face imagefolder)",
+    "flickr30k": "Flickr30k's results.csv (image_name| comment_number| comment)",
+    "csv": "an image,caption CSV such as Flickr8k's captions.txt",
+    "coco": "COCO's annotations/captions_*.json",
+    "karpathy": "a Karpathy dataset_*.json (images with sentences)",
+}
+CAPTION_FILE_SUFFIXES = (".csv", ".txt", ".jsonl", ".json")
+CAPTION_COLUMNS = {"text", "caption", "captions"}
+SPLIT_NAMES = {"train": "train", "training": "train", "restval": "train", "val": "val", "valid": "val",
+               "validation": "val", "dev": "val", "test": "test"}
+# Kaggle copy of Karpathy's splits: caption_datasets/dataset_{flickr30k,flickr8k,coco}.json.
+KARPATHY_SPLITS = "shtvkumar/karpathy-splits"
+# How each of Karpathy's datasets names its image files (COCO 2014 and 2017 names).
+STANDARD_IMAGE_NAMES = {"coco": r"(COCO_(train|val)2014_)?\d{12}\.jpg", "flickr8k": r"\d+_[0-9a-f]{10}\.jpg",
+                        "flickr30k": r"\d+\.jpg"}
 # What a training run leaves in OUTPUT_DIR: a folder holding any of these holds a run.
 RUN_FILES = ("img2gpt_last.pth", "img2gpt_epoch_*.pth", "training_log.jsonl", "loss.png", "eval_img2gpt_*.json")
 LOCK_FILE = ".img2gpt.lock"
@@ -291,52 +310,230 @@ def download_dataset(handle):
                            "check the connection or pass --data-dir") from None
 
 
-def find_dataset_files(data_dir):
-    """(results.csv, image folder), tolerating one folder level more or less than the Kaggle layout
-    data_dir/flickr30k_images/{results.csv, flickr30k_images/*.jpg}."""
-    root = Path(data_dir)
-    if not root.is_dir():
-        raise Img2GPTError(f"data folder '{data_dir}' does not exist: pass --data-dir with the Flickr30k folder")
-    csvs = sorted((p for depth in range(4) for p in root.glob("/".join(["*"] * depth + ["results.csv"]))),
-                  key=lambda p: len(p.parts))
-    if not csvs:
-        raise Img2GPTError(f"no results.csv found in '{data_dir}' or the 3 folder levels below it")
-    csv_path = csvs[0]
-    candidates = [csv_path.parent / "flickr30k_images" / "flickr30k_images", csv_path.parent / "flickr30k_images",
-                  csv_path.parent]
-    image_dir = (next((d for d in candidates if d.is_dir() and any(d.glob("*.jpg"))), None)
-                 or next((p.parent for p in root.rglob("*.jpg")), None))  # any other layout: the first .jpg
-    if image_dir is None:
-        raise Img2GPTError(f"no .jpg images found next to or below '{csv_path}'")
-    return csv_path, image_dir
-
-
 def clean_caption(text):
     # Flickr30k captions are pre-tokenized ("the grass ."): glue punctuation back for natural targets.
     text = re.sub(r"\s+", " ", str(text)).strip()
     return re.sub(r" ([.,!?;:]|'s\b|n't\b)", r"\1", text)
 
 
-def load_captions(csv_path):
-    """DataFrame(image_name, caption) from the '|'-separated Flickr30k results.csv."""
+def read_text(path):
+    """A text file decoded tolerantly: UTF-8 with or without a BOM, else Latin-1 (which decodes any byte), so
+    a file saved by any editor or tool is read; line ends of any kind."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return data.decode("latin-1")
+
+
+def sniff_layout(path):
+    """Which LAYOUTS kind a file is, from its content (header row or leading JSON keys), or None."""
+    with open(path, "rb") as file:
+        head = file.read(1 << 16).decode("utf-8", "replace").lstrip("\ufeff")
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".txt"):
+        fields = [field.strip().lower() for field in re.split(r"[|,]", head.split("\n", 1)[0].strip())]
+        if {"image_name", "comment"} <= set(fields):
+            return "flickr30k"
+        if "file_name" in fields and CAPTION_COLUMNS & set(fields):
+            return "imagefolder"
+        if fields == ["image", "caption"]:
+            return "csv"
+    elif suffix == ".jsonl" and path.stem == "metadata":
+        return "imagefolder"
+    elif suffix == ".json" and '"images"' in head:
+        if '"sentences"' in head and '"filename"' in head:
+            return "karpathy"
+        if '"file_name"' in head:
+            with open(path, "rb") as file:  # the captions follow every image entry: look at the end
+                file.seek(max(0, path.stat().st_size - (1 << 16)))
+                if b'"caption"' in file.read():
+                    return "coco"
+    return None
+
+
+def find_layout(data_dir):
+    """(kind, caption files) of the captioned images in data_dir or up to 3 folder levels below it,
+    recognised by content. The shallowest files win; at one depth, the first kind in LAYOUTS. COCO's train and
+    val annotation files are read together; otherwise one file is used and, if others were found, named."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise Img2GPTError(f"data folder '{data_dir}' does not exist: pass --data-dir with your dataset's folder")
+    for depth in range(4):
+        found = [(kind, path) for path in sorted(root.glob("/".join(["*"] * (depth + 1))))
+                 if path.suffix.lower() in CAPTION_FILE_SUFFIXES and path.is_file()
+                 and (kind := sniff_layout(path))]
+        if found:
+            kind = min((kind for kind, _ in found), key=list(LAYOUTS).index)
+            files = [path for k, path in found if k == kind]
+            if kind != "coco":
+                if len(found) > 1:
+                    print(f"Found {len(found)} caption files; using {files[0]} ({LAYOUTS[kind]})")
+                files = files[:1]
+            return kind, files
+    raise Img2GPTError(f"no captions found in '{data_dir}' or the 3 folder levels below it: looked for "
+                       + "; ".join(LAYOUTS.values()))
+
+
+def locate_images(start, names, data_dir):
+    """The folder the listed image names are relative to: `start` or a usual image folder beside it (Images/,
+    images/, Kaggle Flickr30k's doubled folder), else wherever below data_dir the first listed image is."""
+    sample = [name for name in names[:50] if name]
+    candidates = [start / sub for sub in ("", "Images", "images", "flickr30k_images/flickr30k_images",
+                                          "flickr30k_images")]
+    hits = [(sum((folder / name).is_file() for name in sample), folder) for folder in candidates]
+    best, folder = max(hits, key=lambda hit: hit[0])
+    if best:
+        return folder
+    for name in sample[:5]:
+        relative = Path(name)
+        match = next(Path(data_dir).rglob(relative.name), None)
+        if match is not None and match.as_posix().endswith(relative.as_posix()):
+            return match.parents[len(relative.parts) - 1]
+    raise Img2GPTError(f"none of the images listed (e.g. '{sample[0] if sample else '?'}') were found in "
+                       f"'{start}' or below '{data_dir}'")
+
+
+def read_flickr30k(path):
+    """Rows of Flickr30k's results.csv: 'image_name| comment_number| comment', split at the first two '|' so a
+    caption may hold '|'. One real row lacks its second '|' ("2199200615.jpg| 4   A dog runs ..."): its caption
+    follows the number."""
+    rows, bad = [], 0
+    for line in read_text(path).splitlines()[1:]:
+        parts = [part.strip() for part in line.split("|", 2)]
+        if len(parts) == 2 and re.match(r"\d+\s", parts[1]):
+            parts = [parts[0], *parts[1].split(None, 1)]
+        if len(parts) == 3:
+            rows.append((parts[0], parts[2]))
+        elif line.strip():
+            bad += 1
+    return rows, bad
+
+
+def read_csv_rows(path):
+    """The rows of a CSV file (quotes honoured, any encoding read_text takes) as lists of fields."""
     import csv
 
+    return list(csv.reader(io.StringIO(read_text(path), newline="")))
+
+
+def read_image_caption_csv(path):
+    """Rows of an 'image,caption' CSV such as Flickr8k's captions.txt; an unquoted comma in a caption makes
+    more fields, which are the caption's."""
+    rows, bad = [], 0
+    for fields in read_csv_rows(path)[1:]:
+        if len(fields) >= 2:
+            rows.append((fields[0].strip(), ",".join(fields[1:])))
+        elif any(field.strip() for field in fields):
+            bad += 1
+    return rows, bad
+
+
+def metadata_records(path):
+    """The records of a metadata.jsonl (one JSON object a line) or metadata.csv, and how many lines broke."""
+    records, bad = [], 0
+    if path.suffix.lower() == ".jsonl":
+        for line in filter(str.strip, read_text(path).splitlines()):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if isinstance(record, dict):
+                records.append(record)
+            else:
+                bad += 1
+        return records, bad
+    header, *rows = read_csv_rows(path) or [[]]
+    header = [name.strip().lower() for name in header]
+    for row in filter(any, rows):
+        if len(row) == len(header):
+            records.append(dict(zip(header, row)))
+        else:
+            bad += 1
+    return records, bad
+
+
+def read_imagefolder(path):
+    """Rows of Hugging Face's imagefolder metadata: file_name relative to the file's folder and a caption
+    column (text, caption or captions) holding one caption or a list; an optional split column is kept."""
+    records, bad = metadata_records(path)
+    rows = []
+    for record in records:
+        column = next((name for name in ("text", "caption", "captions") if name in record), None)
+        captions = record.get(column) if column else None
+        captions = [captions] if isinstance(captions, str) else captions
+        if not isinstance(record.get("file_name"), str) or not isinstance(captions, list):
+            bad += 1
+            continue
+        split = record.get("split")
+        if split is not None and str(split).strip().lower() not in SPLIT_NAMES:
+            bad += 1
+            continue
+        split = split if split is None else SPLIT_NAMES[str(split).strip().lower()]
+        rows += [(record["file_name"].strip(), str(caption), split) for caption in captions]
+    return rows, bad
+
+
+def read_coco(path):
+    """Rows of a COCO captions_*.json: annotations joined to their image's file_name."""
+    try:
+        content = json.loads(read_text(path))
+        files = {image["id"]: image["file_name"] for image in content["images"]}
+        annotations = content["annotations"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise Img2GPTError(f"'{path}' is not a readable COCO captions file ({type(exc).__name__})") from None
+    rows = [(files[a["image_id"]], a["caption"]) for a in annotations
+            if isinstance(a, dict) and a.get("image_id") in files and isinstance(a.get("caption"), str)]
+    return rows, len(annotations) - len(rows)
+
+
+def read_karpathy(path):
+    """Rows of a Karpathy dataset_*.json: filepath/filename, each raw sentence, and its split."""
+    try:
+        images = json.loads(read_text(path))["images"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise Img2GPTError(f"'{path}' is not a readable Karpathy split file ({type(exc).__name__})") from None
+    rows, bad = [], 0
+    for image in images:
+        try:
+            name = "/".join(part for part in (image.get("filepath"), image["filename"]) if part)
+            split = {"restval": "train"}.get(image["split"], image["split"])
+            rows += [(name, sentence["raw"], split) for sentence in image["sentences"]]
+        except (KeyError, TypeError, AttributeError):
+            bad += 1
+    return rows, bad
+
+
+READERS = {"flickr30k": read_flickr30k, "csv": read_image_caption_csv, "coco": read_coco,
+           "karpathy": read_karpathy, "imagefolder": read_imagefolder}
+
+
+def load_captions(kind, files, data_dir):
+    """(DataFrame(image_name, caption[, split]), image folder, rows skipped) of a layout find_layout found.
+    Image names are relative to the image folder; captions are cleaned; a malformed row, a blank caption or a
+    row listed twice is skipped and counted, never the whole file refused."""
     import pandas as pd
 
-    frame = pd.read_csv(csv_path, sep="|", quoting=csv.QUOTE_NONE, dtype=str, skipinitialspace=True,
-                        keep_default_na=False)
-    frame.columns = [c.strip() for c in frame.columns]
-    if not {"image_name", "comment_number", "comment"} <= set(frame.columns):
-        raise Img2GPTError(f"'{csv_path}' lacks the columns image_name| comment_number| comment")
-    # One real row lacks its second '|' ("2199200615.jpg| 4   A dog runs ..."): its caption sits in
-    # comment_number after the number.
-    broken = frame["comment"].str.strip() == ""
-    split = frame.loc[broken, "comment_number"].str.strip().str.split(n=1, expand=True)
-    if broken.any() and split.shape[1] == 2:
-        frame.loc[broken, "comment"] = split[1].fillna("")
-    frame = pd.DataFrame({"image_name": frame["image_name"].str.strip(),
-                          "caption": frame["comment"].map(clean_caption)})
-    return frame[(frame["image_name"] != "") & (frame["caption"] != "")].reset_index(drop=True)
+    frames, bad = [], 0
+    for path in files:
+        rows, skipped = READERS[kind](path)
+        bad += skipped
+        columns = ["image_name", "caption", "split"][:len(rows[0])] if rows else ["image_name", "caption"]
+        frame = pd.DataFrame(rows, columns=columns)
+        if frame.empty:
+            raise Img2GPTError(f"'{path}' holds no caption rows: it is empty or none of its rows can be read")
+        folder = locate_images(path.parent, list(frame["image_name"]), data_dir)
+        if kind == "coco":  # train2014/ and val2014/: names relative to DATA_DIR, so both fit one folder
+            frame["image_name"] = [(folder / name).relative_to(data_dir).as_posix() for name in frame["image_name"]]
+            folder = Path(data_dir)
+        frames.append(frame)
+    frame = pd.concat(frames, ignore_index=True)
+    if "split" in frame:  # a split column only some rows fill: the others train
+        frame = frame.drop(columns="split") if frame["split"].isna().all() else frame.fillna({"split": "train"})
+    frame["caption"] = frame["caption"].map(clean_caption)
+    frame["image_name"] = frame["image_name"].str.strip()
+    kept = frame[(frame["image_name"] != "") & (frame["caption"] != "")].drop_duplicates(["image_name", "caption"])
+    return kept.reset_index(drop=True), folder, bad + len(frame) - len(kept)
 
 
 # What opening one image may raise. Beside OSError, SyntaxError, ValueError and the decompression-bomb errors,
@@ -374,25 +571,85 @@ def drop_unusable_images(captions, image_dir, verbose=True):
         print(f"Left out {len(bad)} of {len(names)} images: missing or unreadable (e.g. {sorted(bad)[0]})")
     kept = captions[~captions["image_name"].isin(bad)].reset_index(drop=True)
     if kept.empty:
-        raise Img2GPTError(f"none of the {len(names)} images listed in results.csv could be read in '{image_dir}'")
+        raise Img2GPTError(f"none of the {len(names)} images the captions list could be read in '{image_dir}'")
     return kept, sorted(bad)
 
 
-def karpathy_split(path, image_names):
-    """Karpathy's train/val/test assignment (dataset_flickr30k.json; 'restval' counts as train), restricted
-    to the images at hand, so scores compare with published ones."""
+def standard_dataset(image_names):
+    """Which of Karpathy's datasets ("flickr30k", "flickr8k", "coco") the images are, from how their files are
+    named, or None (your own images)."""
+    names = [Path(name).name for name in sorted(set(image_names))[:500]]
+    for dataset, pattern in STANDARD_IMAGE_NAMES.items():
+        if names and sum(bool(re.fullmatch(pattern, name)) for name in names) >= 0.9 * len(names):
+            return dataset
+    return None
+
+
+def karpathy_key(name, dataset):
+    """COCO images match by id (2014 and 2017 file names differ); Flickr's by file name."""
+    name = Path(name).name
+    return int(re.findall(r"\d+", name)[-1]) if dataset == "coco" and re.search(r"\d", name) else name
+
+
+def karpathy_split(path, image_names, dataset=None):
+    """Karpathy's train/val/test assignment (a dataset_*.json), restricted to the images at hand, so scores
+    compare with published ones; 'restval' and images the file does not list train."""
     try:
-        images = json.loads(Path(path).read_text(encoding="utf-8"))["images"]
-        assignment = {image["filename"]: image["split"] for image in images}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise Img2GPTError(f"cannot read Karpathy split file '{path}' ({type(exc).__name__}): give "
-                           "dataset_flickr30k.json or leave --karpathy-split-file out") from None
+        content = json.loads(read_text(path))
+        dataset = dataset or content.get("dataset")
+        assignment = {karpathy_key(image["filename"], dataset): image["split"] for image in content["images"]}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise Img2GPTError(f"cannot read Karpathy split file '{path}' ({type(exc).__name__}): give a "
+                           "dataset_*.json, or --karpathy-split-file none") from None
     splits = {"train": [], "val": [], "test": []}
     for name in sorted(set(image_names)):
-        split = {"restval": "train"}.get(assignment.get(name), assignment.get(name))
-        if split in splits:
-            splits[split].append(name)
+        split = assignment.get(karpathy_key(name, dataset), "train")
+        splits[split if split in splits else "train"].append(name)
     return splits
+
+
+def fetch_karpathy_split(dataset):
+    """Karpathy's dataset_<dataset>.json: from img2gpt's cache, else downloaded from Kaggle into it."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "img2gpt" / f"dataset_{dataset}.json"
+    if cache.is_file():
+        return cache
+    import kagglehub
+
+    try:
+        path = kagglehub.dataset_download(KARPATHY_SPLITS, path=f"caption_datasets/dataset_{dataset}.json")
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        data = Path(path).read_bytes()
+    except Exception as exc:  # no connection, no such file, a cache we cannot write: the caller falls back
+        raise Img2GPTError(f"{type(exc).__name__}: {str(exc)[:160]}") from None
+    write_atomically(cache, lambda file: file.write(data))
+    return cache
+
+
+def choose_split(cfg, captions, main=True):
+    """(splits, what the split is). KARPATHY_SPLIT_FILE "auto": the data's own split when it has one (a split
+    column, a Karpathy JSON), else Karpathy's for Flickr30k, Flickr8k or COCO, downloaded once; when that
+    fails, the seeded split, said loudly. A path: that file. "none": the seeded split."""
+    names, choice = captions["image_name"], cfg.karpathy_split_file
+    seeded = f"seeded (seed {cfg.seed})"
+    if choice not in ("auto", "none"):
+        return karpathy_split(choice, names), f"karpathy ({Path(choice).name})"
+    if choice == "auto" and "split" in captions:
+        first = captions.drop_duplicates("image_name")  # an image listed in two splits keeps its first
+        return {split: sorted(first.loc[first["split"] == split, "image_name"]) for split in ("train", "val", "test")
+                }, "the data's own split"
+    dataset = standard_dataset(names) if choice == "auto" else None
+    if dataset:
+        try:
+            return karpathy_split(fetch_karpathy_split(dataset), names, dataset), f"karpathy ({dataset})"
+        except Img2GPTError as exc:
+            seeded += ", NOT Karpathy's: it could not be downloaded"
+            if main:
+                print(f"WARNING: Karpathy's {dataset} split could not be downloaded ({exc}). Using a seeded split: "
+                      "test scores are NOT comparable with published ones. Pass --karpathy-split-file with a "
+                      f"copy of dataset_{dataset}.json to use it.")
+    elif choice == "auto":
+        seeded += ", your own images have no standard split"
+    return split_by_image(names, cfg.val_images, cfg.test_images, cfg.seed), seeded
 
 
 def split_by_image(image_names, val_images, test_images, seed):
@@ -936,10 +1193,49 @@ def rebuild_from_checkpoint(state, device, vit_model=None, gpt2_model=None, anno
 
 
 # --- Evaluation -----------------------------------------------------------------------------------
-def coco_tokenize(text):
-    """Lowercase words with punctuation dropped and clitics split off ("dog's" -> "dog 's"), as the COCO
-    scorers' PTB tokenizer leaves captions; that tokenizer needs Java, this needs nothing."""
-    return " ".join(re.findall(r"[a-z0-9]+|'[a-z]+", text.lower()))
+# What the Stanford PTB tokenizer makes of brackets (-lowerCase leaves them in the lower case that the COCO
+# scorers' punctuation list, written in upper case, does not remove), abbreviations that keep their period, and
+# one token of PTB's: a clitic, 'n', an initialism (u.s.), a word with inner - ' / : . , & (t-shirt, 1,000,
+# and/or), a repeated ! or ?, an ellipsis, a double dash, or any other single character.
+PTB_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
+PTB_ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "st", "jr", "sr", "vs", "etc", "inc", "co", "mt", "ave", "no", "prof",
+                     "gen", "lt", "sgt", "capt"}
+PTB_TOKEN = re.compile(r"'n'|n't\b|'(?:s|re|ve|ll|d|m)\b|(?:[a-z]\.){2,}|\w+(?:[-'/:.,&]\w+)*\.?|([!?])\1+|"
+                       r"\.\.\.|--|\S")
+
+
+def ptb_like_tokenize(text):
+    """A caption as pycocoevalcap's PTB tokenizer (Java) leaves it, in Python: lowercase, hyphenated words
+    kept whole (t-shirt), clitics split (can't -> ca n't, dog's -> dog 's), the scorers' punctuation dropped."""
+    from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS
+
+    text = text.lower().replace("\n", " ")
+    text = re.sub(r"\b(can)(not)\b", r"\1 \2", text)
+    text = re.sub(r"\b(gon|wan|got)(na|ta)\b", r"\1 \2", text)
+    text = re.sub(r"(\w)(n't|'(?:s|re|ve|ll|d|m))\b", r"\1 \2", text)
+    tokens = []
+    for match in PTB_TOKEN.finditer(text):
+        token = match.group(0)
+        if (token.endswith(".") and token[0].isalnum() and token[:-1] not in PTB_ABBREVIATIONS
+                and not re.fullmatch(r"(?:[a-z]\.)+", token)):  # a sentence's full stop, not an abbreviation's
+            tokens += [token[:-1], "."]
+        else:
+            tokens.append(PTB_BRACKETS.get(token, token))
+    return " ".join(token for token in tokens if token not in PUNCTUATIONS and token != '"')
+
+
+def tokenize_for_scoring(captions):
+    """({key: [tokenized captions]}, which tokenizer) for {key: [captions]}: pycocoevalcap's PTB tokenizer when
+    Java runs, so scores are exactly the published pipeline's; else ptb_like_tokenize."""
+    if shutil.which("java"):
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+        try:
+            return PTBTokenizer().tokenize({key: [{"caption": c} for c in texts] for key, texts in captions.items()}
+                                           ), "PTB (Java, pycocoevalcap)"
+        except (OSError, subprocess.SubprocessError):  # e.g. its package folder is read-only: it writes there
+            pass
+    return {key: [ptb_like_tokenize(c) for c in texts] for key, texts in captions.items()}, "PTB-like (Python)"
 
 
 def score_captions(references, predictions):
@@ -950,15 +1246,15 @@ def score_captions(references, predictions):
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
 
-    gts = {image: [coco_tokenize(c) for c in captions] for image, captions in references.items()}
-    res = {image: [coco_tokenize(predictions[image])] for image in references}
+    gts, tokenizer = tokenize_for_scoring(references)
+    res, _ = tokenize_for_scoring({image: [predictions[image]] for image in references})
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     scores = {f"Bleu_{n}": float(value) for n, value in enumerate(bleu, 1)}
     scores["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
     scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
-    notes = []
+    notes = [f"tokenizer: {tokenizer}"]
     if not shutil.which("java"):
-        return scores, ["METEOR and SPICE left out: they need Java (install a JRE to get them)"]
+        return scores, notes + ["METEOR and SPICE left out: they need Java (install a JRE to get them)"]
     from pycocoevalcap.meteor.meteor import Meteor
 
     scores["METEOR"] = float(Meteor().compute_score(gts, res)[0])
@@ -1271,15 +1567,17 @@ def sample_set(captions, names, image_dir, processor, count):
 def prepare_data(cfg, main=True):
     """Captions of the usable images, their folder, and the split (Karpathy's when its file is given).
     Only the main process of a data-parallel run reports."""
-    csv_path, image_dir = find_dataset_files(cfg.data_dir or download_dataset(cfg.kaggle_dataset))
-    captions, left_out = drop_unusable_images(load_captions(csv_path), image_dir, verbose=main)
-    if cfg.karpathy_split_file:
-        splits, split_name = karpathy_split(cfg.karpathy_split_file, captions["image_name"]), "karpathy"
-    else:
-        splits = split_by_image(captions["image_name"], cfg.val_images, cfg.test_images, cfg.seed)
-        split_name = f"seeded (seed {cfg.seed})"
+    data_dir = Path(cfg.data_dir or download_dataset(cfg.kaggle_dataset))
+    kind, files = find_layout(data_dir)
+    captions, image_dir, skipped = load_captions(kind, files, data_dir)
+    if main:
+        print(f"Data: {LAYOUTS[kind]}: {', '.join(map(str, files))}, {len(captions):,} captions of "
+              f"{captions['image_name'].nunique():,} images"
+              + (f"; skipped {skipped:,} malformed, blank or repeated rows" if skipped else ""))
+    captions, left_out = drop_unusable_images(captions, image_dir, verbose=main)
+    splits, split_name = choose_split(cfg, captions, main)
     return types.SimpleNamespace(captions=captions, image_dir=image_dir, left_out=left_out, splits=splits,
-                                 split_name=split_name)
+                                 split_name=split_name, layout=kind, caption_files=files, skipped_rows=skipped)
 
 
 def claim_output_dir(cfg, held, main=True):
@@ -1405,7 +1703,8 @@ def print_banner(run):
                  if run.quantize else "full precision LoRA")
     splits = run.splits
     print(f"Using device: {run.device} ({precision})\n"
-          f"Images train/val/test: {len(splits['train'])}/{len(splits['val'])}/{len(splits['test'])}, "
+          f"Images train/val/test: {len(splits['train'])}/{len(splits['val'])}/{len(splits['test'])} "
+          f"({run.data.split_name} split), "
           f"training captions: {len(run.datasets['train'])}\n"
           f"Batch size {run.cfg.batch_size}, {run.batches_per_epoch} batches per epoch, {run.total_steps} in all\n"
           f"Trainable parameters: {sum(p.numel() for p in run.trainable):,} of "
@@ -1497,6 +1796,7 @@ def train(run):
                   changed={name: list(pair) for name, pair in changes.items()},
                   lr=run.optimizer.param_groups[0]["lr"],
                   left_out_images=len(run.left_out), processes=run.world, first_batches=first_batches,
+                  layout=run.data.layout, split=run.data.split_name,
                   quantize="4bit" if run.quantize else "none", linear4bit_layers=count_4bit_layers(run.model))
     for epoch in range(epoch, run.cfg.num_epochs + 1):
         train_loss = train_one_epoch(run, epoch, step, loss_sum, loss_count)

@@ -231,8 +231,17 @@ def run_script(script, *args, cwd=None, timeout=600):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def load_layout(folder):
+    """(captions, image folder, rows skipped) of the layout found in folder, as prepare_data reads it."""
+    from training_script import find_layout, load_captions
+
+    kind, files = find_layout(folder)
+    return load_captions(kind, files, Path(folder))
+
+
 def train_args(data_dir, models, output_dir, *extra):
     vit, gpt2 = models
     args = ["--data-dir", data_dir, "--vit-model", vit, "--gpt2-model", gpt2, "--output-dir", output_dir,
-            "--device", "cpu", "--num-workers", "0", "--warmup-steps", "0", "--no-eval-after-training", *extra]
+            "--device", "cpu", "--num-workers", "0", "--warmup-steps", "0", "--no-eval-after-training",
+            "--karpathy-split-file", "none", *extra]
     return [str(a) for a in args]

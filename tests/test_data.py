@@ -7,17 +7,17 @@ import torch
 from PIL import Image
 
 import training_script as ts
-from conftest import BROKEN_ROW_CAPTION, QUOTED_CAPTION, make_flickr_folder, write_png_header
+from conftest import BROKEN_ROW_CAPTION, QUOTED_CAPTION, load_layout, make_flickr_folder, write_png_header
 
 
 def test_results_csv_quirks_are_parsed(flickr_dir):
-    csv_path, _ = ts.find_dataset_files(flickr_dir)
-    captions = ts.load_captions(csv_path)
+    captions, _, skipped = load_layout(flickr_dir)
     assert list(captions.columns) == ["image_name", "caption"]
-    # 24 images x 5 captions, plus 2 rows of 2199200615.jpg and 2 of the missing / corrupt files.
-    assert len(captions) == 24 * 5 + 4
+    # 24 images x 5 captions, plus 2199200615.jpg (its two rows say the same: one is skipped as repeated)
+    # and the missing / corrupt files.
+    assert len(captions) == 24 * 5 + 3 and skipped == 1
     broken = captions[captions["image_name"] == "2199200615.jpg"]["caption"].tolist()
-    assert broken == [ts.clean_caption(BROKEN_ROW_CAPTION)] * 2  # the row without its second '|' is kept
+    assert broken == [ts.clean_caption(BROKEN_ROW_CAPTION)]  # the row without its second '|' is kept
     assert ts.clean_caption(QUOTED_CAPTION) in captions["caption"].tolist()  # a '"' does not swallow rows
     assert not captions["image_name"].str.startswith(" ").any()
     assert not captions["caption"].str.startswith(" ").any()
@@ -40,21 +40,22 @@ def test_dataset_files_are_found_at_any_nearby_depth(tmp_path, layout):
         root = tmp_path / "flat"
         shutil.copytree(source / "flickr30k_images", root)
         shutil.copy(source / "results.csv", root / "results.csv")
-    csv_path, image_dir = ts.find_dataset_files(root)
-    assert csv_path.name == "results.csv"
+    kind, files = ts.find_layout(root)
+    _, image_dir, _ = ts.load_captions(kind, files, root)
+    assert kind == "flickr30k" and [f.name for f in files] == ["results.csv"]
     assert sorted(p.name for p in image_dir.glob("*.jpg")) == ["1000.jpg", "1001.jpg", "1002.jpg"]
 
 
 def test_missing_data_folder_and_csv_are_clear_errors(tmp_path):
     with pytest.raises(ts.Img2GPTError, match="does not exist"):
-        ts.find_dataset_files(tmp_path / "nowhere")
-    with pytest.raises(ts.Img2GPTError, match="no results.csv"):
-        ts.find_dataset_files(tmp_path)
+        ts.find_layout(tmp_path / "nowhere")
+    with pytest.raises(ts.Img2GPTError, match="no captions found .* looked for metadata.jsonl"):
+        ts.find_layout(tmp_path)
 
 
 def test_missing_and_corrupt_images_are_left_out_with_a_count(flickr_dir, capsys):
-    csv_path, image_dir = ts.find_dataset_files(flickr_dir)
-    kept, left_out = ts.drop_unusable_images(ts.load_captions(csv_path), image_dir)
+    captions, image_dir, _ = load_layout(flickr_dir)
+    kept, left_out = ts.drop_unusable_images(captions, image_dir)
     names = set(kept["image_name"])
     assert left_out == ["corrupt.jpg", "missing.jpg"]
     assert len(names) == 25 and not names & set(left_out)
@@ -79,17 +80,17 @@ def test_nothing_left_is_an_error(tmp_path):
     make_flickr_folder(tmp_path, 2, quirks=False)
     for picture in (tmp_path / "flickr30k_images" / "flickr30k_images").iterdir():
         picture.write_bytes(b"")
-    csv_path, image_dir = ts.find_dataset_files(tmp_path)
+    captions, image_dir, _ = load_layout(tmp_path)
     with pytest.raises(ts.Img2GPTError, match="none of the 2 images"):
-        ts.drop_unusable_images(ts.load_captions(csv_path), image_dir)
+        ts.drop_unusable_images(captions, image_dir)
 
 
-def test_csv_without_the_expected_columns_names_the_file(tmp_path):
+def test_csv_without_known_columns_is_no_layout(tmp_path):
     make_flickr_folder(tmp_path, 2, quirks=False)
     csv_path = tmp_path / "flickr30k_images" / "results.csv"
     csv_path.write_text("name,caption\n1000.jpg,a red circle\n")
-    with pytest.raises(ts.Img2GPTError, match=str(csv_path)):
-        ts.load_captions(csv_path)
+    with pytest.raises(ts.Img2GPTError, match="no captions found"):
+        ts.find_layout(tmp_path)
 
 
 def test_split_is_by_image_disjoint_and_deterministic():

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import training_script as ts
-from conftest import ROOT, run_script, train_args
+from conftest import ROOT, load_layout, run_script, train_args
 
 
 def test_each_process_gets_its_own_equal_share_of_batches():
@@ -52,7 +52,7 @@ def test_two_processes_train_one_checkpoint(flickr_dir, tiny_models, tmp_path):
 
 def _train_rows(flickr_dir):
     """(captions, splits, image_dir, processor) as the training script builds them, to size its dataset."""
-    csv_path, image_dir = ts.find_dataset_files(flickr_dir)
-    captions, _ = ts.drop_unusable_images(ts.load_captions(csv_path), image_dir, verbose=False)
+    captions, image_dir, _ = load_layout(flickr_dir)
+    captions, _ = ts.drop_unusable_images(captions, image_dir, verbose=False)
     splits = ts.split_by_image(captions["image_name"], ts.VAL_IMAGES, ts.TEST_IMAGES, ts.SEED)
     return captions, splits, image_dir, None

@@ -26,9 +26,14 @@ def test_notebook_commands_are_the_readme_commands():
     commands = [line for line in lines if line.startswith(("!", "%"))]
     assert [c.split()[1] for c in commands if c.startswith("!python")] == ["training_script.py", "inference_script.py"]
     # one train cell, right the first time and after every disconnect
-    assert "!python training_script.py --output-dir {OUTPUT_DIR} --resume auto" in commands
+    assert "!python training_script.py --output-dir {OUTPUT_DIR} --kaggle-dataset {KAGGLE_DATASET} --resume auto" in commands
+    assert "adityajn105/flickr8k" in source_of(nb)  # Flickr8k offered as a quick first run
     for command in commands:
         assert f"\n{command}\n" in README, command
     source = "\n".join(lines)
     assert 'drive.mount("/content/drive")' in source and "USE_DRIVE" in source
     assert "loss.png" in source and '"samples"' in source
+
+
+def source_of(nb):
+    return "\n".join(cell.source for cell in nb.cells if cell.cell_type == "code")

@@ -12,7 +12,7 @@ import torch
 
 import inference_script
 import training_script as ts
-from conftest import run_script, train_args
+from conftest import load_layout, run_script, train_args
 from test_bad_input import cli, one_error_line
 
 CPU = torch.device("cpu")
@@ -96,7 +96,7 @@ def test_a_checkpoint_gives_the_same_distributions_in_both_precisions(runs, flic
     state = ts.load_checkpoint(runs[trained][0] / "img2gpt_epoch_1.pth")
     folder = flickr_dir / "flickr30k_images" / "flickr30k_images"
     images = [folder / f"{1000 + i}.jpg" for i in range(12)]
-    captions = ts.load_captions(folder.parent / "results.csv").drop_duplicates("image_name")
+    captions = load_layout(flickr_dir)[0].drop_duplicates("image_name")
     captions = dict(zip(captions["image_name"], captions["caption"]))
     texts = [captions[path.name] for path in images]
 
