@@ -328,8 +328,11 @@ def read_text(path):
 
 def sniff_layout(path):
     """Which LAYOUTS kind a file is, from its content (header row or leading JSON keys), or None."""
-    with open(path, "rb") as file:
-        head = file.read(1 << 16).decode("utf-8", "replace").lstrip("\ufeff")
+    try:
+        with open(path, "rb") as file:
+            head = file.read(1 << 16).decode("utf-8", "replace").lstrip("\ufeff")
+    except OSError:  # unreadable (permissions, a broken link): not a caption file we can use
+        return None
     suffix = path.suffix.lower()
     if suffix in (".csv", ".txt"):
         fields = [field.strip().lower() for field in re.split(r"[|,]", head.split("\n", 1)[0].strip())]
@@ -620,7 +623,8 @@ def fetch_karpathy_split(dataset):
         cache.parent.mkdir(parents=True, exist_ok=True)
         data = Path(path).read_bytes()
     except Exception as exc:  # no connection, no such file, a cache we cannot write: the caller falls back
-        raise Img2GPTError(f"{type(exc).__name__}: {str(exc)[:160]}") from None
+        reason = str(exc).split("\n")[0]
+        raise Img2GPTError(f"{type(exc).__name__}: {reason[:100]}{'...' if len(reason) > 100 else ''}") from None
     write_atomically(cache, lambda file: file.write(data))
     return cache
 
@@ -640,7 +644,10 @@ def choose_split(cfg, captions, main=True):
     dataset = standard_dataset(names) if choice == "auto" else None
     if dataset:
         try:
-            return karpathy_split(fetch_karpathy_split(dataset), names, dataset), f"karpathy ({dataset})"
+            splits = karpathy_split(fetch_karpathy_split(dataset), names, dataset)
+            if splits["val"] and splits["test"]:
+                return splits, f"karpathy ({dataset})"
+            seeded += f", none of Karpathy's {dataset} validation or test images are here"
         except Img2GPTError as exc:
             seeded += ", NOT Karpathy's: it could not be downloaded"
             if main:
@@ -1703,8 +1710,8 @@ def print_banner(run):
                  if run.quantize else "full precision LoRA")
     splits = run.splits
     print(f"Using device: {run.device} ({precision})\n"
-          f"Images train/val/test: {len(splits['train'])}/{len(splits['val'])}/{len(splits['test'])} "
-          f"({run.data.split_name} split), "
+          f"Split: {run.data.split_name}\n"
+          f"Images train/val/test: {len(splits['train'])}/{len(splits['val'])}/{len(splits['test'])}, "
           f"training captions: {len(run.datasets['train'])}\n"
           f"Batch size {run.cfg.batch_size}, {run.batches_per_epoch} batches per epoch, {run.total_steps} in all\n"
           f"Trainable parameters: {sum(p.numel() for p in run.trainable):,} of "

@@ -5,6 +5,7 @@ Karpathy's split is downloaded once and cached, and a failed download is said lo
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 import training_script as ts
@@ -93,7 +94,7 @@ def test_each_layout_trains_samples_and_evaluates(layout, tiny_models, tmp_path,
     ts.main(train_args(root, tiny_models, out, "--epochs", "1", "--batch-size", "8", "--eval-interval", "3",
                        "--eval-after-training", "--karpathy-split-file", "auto", "--max-new-tokens", "5"))
     printed = capsys.readouterr().out
-    assert f"Data: {ts.LAYOUTS[KIND[name]]}" in printed and f"({SPLIT[name]} split)" in printed
+    assert f"Data: {ts.LAYOUTS[KIND[name]]}" in printed and f"Split: {SPLIT[name]}\n" in printed
     records = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines()]
     start = next(r for r in records if r["type"] == "start")
     assert start["layout"] == KIND[name] and start["split"] == SPLIT[name]
@@ -165,3 +166,14 @@ def test_several_caption_files_name_the_one_used(tmp_path, capsys):
     kind, files = ts.find_layout(tmp_path)
     assert kind == "csv" and files == [tmp_path / "photos" / "captions.csv"]
     assert f"Found 2 caption files; using {files[0]}" in capsys.readouterr().out
+
+
+def test_own_images_named_like_flickr30k_keep_a_seeded_split(tmp_path, karpathy_hub):
+    names = [f"{i}.jpg" for i in range(1, 31)]  # digits only, like Flickr30k's, but not in Karpathy's file
+    karpathy_hub.files["flickr30k"] = karpathy_file({f"{10**9 + i}.jpg": ("red", "circle") for i in range(8)},
+                                                    "flickr30k")
+    captions = pd.DataFrame({"image_name": names, "caption": ["a picture"] * len(names)})
+    cfg = ts.parse_config(ts.CONSTANTS, ["--karpathy-split-file", "auto"], ts.FLAG_ALIASES)
+    splits, name = ts.choose_split(cfg, captions)
+    assert name == "seeded (seed 42), none of Karpathy's flickr30k validation or test images are here"
+    assert splits["val"] and splits["test"] and len(karpathy_hub.calls) == 1
