@@ -934,10 +934,11 @@ def make_projector(kind, width_in, width_out):
     raise Img2GPTError(f"unknown PROJECTOR '{kind}': use one of {', '.join(PROJECTORS)}")
 
 
-def build_model(model_config, device, announce=lambda step: None, quantize="auto"):
+def build_model(model_config, device, announce=lambda step: None, quantize="auto", wrap_lora=True):
     """(Img2GPT, tokenizer, processor, model_config with the found LoRA targets and projection sizes), in 4-bit
     or full precision as QUANTIZE `quantize` decides on `device`. `announce(step)` is called before each stage
-    (inference prints its Step lines through it)."""
+    (inference prints its Step lines through it). wrap_lora=False leaves the base models unwrapped, for
+    fold_trained_weights to add the saved adapters into."""
     four_bit, compute_dtype = choose_precision(device, quantize)
     if four_bit:
         require_4bit_support(device)
@@ -951,9 +952,10 @@ def build_model(model_config, device, announce=lambda step: None, quantize="auto
     announce(2)
     config.setdefault("vision_lora_targets", find_lora_targets(vision))
     config.setdefault("lm_lora_targets", find_lora_targets(lm))
-    lora = (config["lora_r"], config["lora_alpha"], config["lora_dropout"])
-    vision = apply_lora(vision, config["vision_lora_targets"], *lora)
-    lm = apply_lora(lm, config["lm_lora_targets"], *lora)
+    if wrap_lora:
+        lora = (config["lora_r"], config["lora_alpha"], config["lora_dropout"])
+        vision = apply_lora(vision, config["vision_lora_targets"], *lora)
+        lm = apply_lora(lm, config["lm_lora_targets"], *lora)
     announce(3)
     # Sizes come from the loaded models, so another encoder or LM of other width fits without edits.
     sizes = {"projection_in": vision.config.hidden_size, "projection_out": lm.get_input_embeddings().embedding_dim}
@@ -1179,23 +1181,56 @@ def load_trained_weights(model, weights):
     model.projection.load_state_dict(weights["projection"])
 
 
+def fold_trained_weights(model, weights, config):
+    """Full-precision inference without peft: each saved LoRA update, scaling * B @ A, is added into the base
+    weight it adapts, computed as peft's merge computes it (the same weights to the bit, tests/test_model.py),
+    and the projection loaded. It skips importing peft, wrapping both models and unwrapping them again.
+    GPT-2's Conv1D stores its weight transposed (peft's fan_in_fan_out)."""
+    from transformers.pytorch_utils import Conv1D
+
+    scaling = config["lora_alpha"] / config["lora_r"]
+    for part, base, targets in (("vision_lora", model.vision, config["vision_lora_targets"]),
+                                ("lm_lora", model.lm, config["lm_lora_targets"])):
+        given, updates, missing, clash = weights.get(part, {}), [], [], []
+        for name, module in base.named_modules():
+            if name.rsplit(".", 1)[-1] not in targets:
+                continue
+            keys = [f"base_model.model.{name}.lora_{ab}.weight" for ab in "AB"]
+            missing += [key for key in keys if key not in given]
+            if all(key in given for key in keys):
+                delta = given[keys[1]] @ given[keys[0]]
+                delta = delta.T if isinstance(module, Conv1D) else delta
+                (clash if delta.shape != module.weight.shape else updates).append((module, delta, keys[0]))
+        if missing or clash:
+            raise Img2GPTError(f"checkpoint '{part}' does not fit the model: missing {missing[:3]}, "
+                               f"wrong shape {[key for _, _, key in clash][:3]}")
+        with torch.no_grad():
+            for module, delta, _ in updates:
+                module.weight += delta * scaling
+    try:
+        model.projection.load_state_dict(weights["projection"])
+    except (KeyError, RuntimeError) as exc:
+        raise Img2GPTError(f"checkpoint 'projection' does not fit the model ({type(exc).__name__})") from None
+
+
 def rebuild_from_checkpoint(state, device, vit_model=None, gpt2_model=None, announce=lambda step: None,
                             quantize="auto"):
     """(model, tokenizer, processor) of a loaded checkpoint, ready to caption: rebuilt from its own config
     (vit_model / gpt2_model replace the base model names in it when given) in the precision QUANTIZE `quantize`
     gives on `device`, whatever precision it was trained in (the LoRA weights have the same names and shapes
-    either way), trained weights loaded, and in full precision the LoRAs merged. announce(1..4) is called
-    before each stage."""
+    either way), trained weights loaded: in 4-bit beside the weights, in full precision folded into them
+    (fold_trained_weights). announce(1..4) is called before each stage."""
     config = dict(state["config"])
     config["vit_model"] = vit_model or config["vit_model"]
     config["gpt2_model"] = gpt2_model or config["gpt2_model"]
-    model, tokenizer, processor, _ = build_model(config, device, announce, quantize)
+    four_bit, _ = choose_precision(device, quantize)
+    model, tokenizer, processor, config = build_model(config, device, announce, quantize, wrap_lora=four_bit)
     announce(4)
-    load_trained_weights(model, state["weights"])
-    if model.quantized:
+    if model.quantized:  # adapters kept beside the 4-bit weights: merging would round them away
+        load_trained_weights(model, state["weights"])
         allow_cpu_weight_packing(model, True)  # captioning only: the faster CPU kernel is safe
     else:
-        merge_lora(model)
+        fold_trained_weights(model, state["weights"], config)
     return model.eval(), tokenizer, processor
 
 

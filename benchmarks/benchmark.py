@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 import training_script as ts  # noqa: E402
 
 NEW_TOKENS = 20
@@ -187,6 +188,120 @@ def save_base_models(vit_config, gpt2_config, folder):
     return folder / "img2gpt.pth"
 
 
+def offline_env():
+    import os
+
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def whole_process_times(vit_config, gpt2_config, repeats):
+    """Seconds from starting the process to its exit, captioning 1 and 8 photos from local files:
+    inference_script.py against the peer script (benchmarks/peer_caption.py) on the same saved base models,
+    runs alternating, medians. Returns {images: (img2gpt, peer)} and the per-stage table."""
+    from PIL import Image
+
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = save_base_models(vit_config, gpt2_config, folder)
+        photos = []
+        for i in range(8):  # Flickr-sized photos
+            photos.append(str(Path(folder) / f"photo{i}.jpg"))
+            Image.effect_noise((500, 375), 60).convert("RGB").save(photos[-1], quality=90)
+        commands = {
+            "img2gpt": lambda n: [sys.executable, str(ROOT / "inference_script.py"), "--weights", str(checkpoint),
+                                  "--device", "cpu", "--max-new-tokens", str(NEW_TOKENS),
+                                  *[arg for photo in photos[:n] for arg in ("--image", photo)]],
+            "peer": lambda n: [sys.executable, str(Path(__file__).parent / "peer_caption.py"),
+                               str(Path(folder) / "vit"), str(Path(folder) / "gpt2"), str(NEW_TOKENS), *photos[:n]]}
+        times = {}
+        for count in (1, 8):
+            runs = {name: [] for name in commands}
+            for _ in range(repeats):
+                for name, command in commands.items():
+                    start = time.perf_counter()
+                    result = subprocess.run(command(count), capture_output=True, text=True, env=offline_env())
+                    runs[name].append(time.perf_counter() - start)
+                    if result.returncode != 0:
+                        sys.exit(f"{name} failed:\n{result.stderr[-3000:]}")
+            times[count] = tuple(statistics.median(runs[name]) for name in commands)
+        stages = {path: stage_times(checkpoint, photos[0], path, repeats) for path in ("peft", "fold")}
+    return times, stages
+
+
+STAGES = ("interpreter and imports", "checkpoint read, configs and family check", "base models load",
+          "LoRA: wrap (peft) or nothing (fold)", "projection, model assembly", "trained weights: load + merge / fold",
+          "first caption (image read, preprocess, ViT, prefill, decoding)", "interpreter exit")
+
+
+def stage_times(checkpoint, photo, path, repeats):
+    """Median seconds of each of STAGES in a fresh process captioning one photo the way inference_script.py
+    does, by `path`: "peft" (wrap both models, load the adapters, merge them, no gc.freeze: before) or "fold"
+    (the adapters folded in without peft, gc.freeze after loading: now)."""
+    samples = []
+    for _ in range(repeats):
+        command = [sys.executable, __file__, "--stages", path, "--checkpoint", str(checkpoint), "--photo", photo,
+                   "--started", repr(time.time())]
+        result = subprocess.run(command, capture_output=True, text=True, env=offline_env())
+        ended = time.time()
+        if result.returncode != 0:
+            sys.exit(f"stage worker failed:\n{result.stderr[-3000:]}")
+        marks = json.loads(result.stdout.strip().splitlines()[-1]) + [ended]
+        samples.append([later - earlier for earlier, later in zip(marks, marks[1:])])
+    return [statistics.median(column) for column in zip(*samples)]
+
+
+def stage_worker(path, checkpoint, photo, started):
+    """Prints the time.time() at the end of each of STAGES but the last (the parent times the exit)."""
+    import gc
+
+    marks = [started]
+    import inference_script  # noqa: F401  (its imports: what a terminal run pays before anything else)
+
+    marks.append(time.time())
+    cpu = torch.device("cpu")
+    state = ts.load_checkpoint(checkpoint)
+    announce = lambda step: marks.append(time.time())  # noqa: E731  (before Step 1, 2, 3, 4)
+    if path == "fold":
+        model, tokenizer, processor = ts.rebuild_from_checkpoint(state, cpu, announce=announce, quantize="none")
+        gc.freeze()
+    else:
+        model, tokenizer, processor, _ = ts.build_model(state["config"], cpu, announce, "none")
+        announce(4)
+        ts.load_trained_weights(model, state["weights"])
+        model = ts.merge_lora(model).eval()
+    marks.append(time.time())
+    open_image = lambda source: inference_script.fetch_image(source, 30, 10**8)  # noqa: E731
+    list(ts.caption_sources(model, tokenizer, processor, [photo], open_image, 1,
+                            {"max_new_tokens": NEW_TOKENS, "num_beams": 1, "no_repeat_ngram_size": 0,
+                             "repetition_penalty": 1.0}))
+    marks.append(time.time())
+    print(json.dumps(marks[:1] + marks[1:]))
+
+
+def prefill_rows(model, peer, eight, repeats):
+    """The prefix's share of an 8-image caption: GPT-2 reading 8 x P prefix tokens once (Img2GPT), against
+    the peer's cross-attention keys and values of its 8 x P encoder tokens (computed once per layer),
+    measured and in FLOPs (2 per multiply-add of the weight matrices; attention scores left out)."""
+    config = model.lm.config
+    with torch.inference_mode():
+        prefix = model.prefix(eight)
+        encoded = peer.encoder(pixel_values=eight).last_hidden_state
+    tokens = prefix.shape[0] * prefix.shape[1]
+    width, layers = config.n_embd, config.n_layer
+    prefill_flops = 2 * tokens * layers * (4 + 8) * width * width  # attention q, k, v, o and the 4x MLP
+    cross_flops = 2 * tokens * layers * 2 * width * width  # cross-attention k and v
+    cross = [block.crossattention.c_attn for block in peer.decoder.transformer.h]
+
+    @torch.inference_mode()
+    def prefill():
+        model.lm(inputs_embeds=prefix, use_cache=True, logits_to_keep=1)
+
+    @torch.inference_mode()
+    def cross_keys_values():
+        for layer in cross:
+            layer(encoded)
+    return median_time(prefill, repeats), prefill_flops, median_time(cross_keys_values, repeats), cross_flops
+
+
 def reset_peak_memory():
     """Start the peak resident memory (VmHWM) afresh, so it counts what comes next, not the model loading
     (4-bit loading reads the full-precision weights first). False where the kernel does not allow it."""
@@ -274,9 +389,14 @@ def main():
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     parser.add_argument("--repeats", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--compute-dtype", help=argparse.SUPPRESS)
+    parser.add_argument("--stages", choices=("peft", "fold"), help=argparse.SUPPRESS)  # one per-stage timing
+    parser.add_argument("--photo", help=argparse.SUPPRESS)
+    parser.add_argument("--started", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args.worker, args.quantize, args.checkpoint, args.repeats, args.compute_dtype)
+    if args.stages:
+        return stage_worker(args.stages, args.checkpoint, args.photo, args.started)
     repeats = 1 if args.smoke else REPEATS
     vit_config, gpt2_config = configs(args.smoke)
     size, eos = vit_config.image_size, gpt2_config.eos_token_id
@@ -296,8 +416,10 @@ def main():
     training_model = build_img2gpt(vit_config, gpt2_config, merged=False)
     checkpoint_bytes, full_bytes = sizes(training_model)
     train_rate = training_throughput(training_model, size, 8, repeats)
+    prefill, prefill_flops, cross, cross_flops = prefill_rows(model, peer, eight, repeats)
     del model, peer, pooled, training_model  # the QLoRA rows measure memory in processes of their own
     qlora = qlora_rows(vit_config, gpt2_config, 1 if args.smoke else QLORA_REPEATS)
+    whole, stages = whole_process_times(vit_config, gpt2_config, repeats)
 
     name = "tiny smoke-test models" if args.smoke else "ViT-B/16 (224) + GPT-2 small, random weights"
     print(f"Img2GPT benchmark: {name}; CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, "
@@ -321,9 +443,20 @@ def main():
          f"{checkpoint_bytes / full_bytes:.2%}"),
         ("training images/s, batch 8, fp32 LoRA", f"{train_rate:.2f}", "", ""),
         *qlora,
+        *[(f"whole process, caption {count} image{'s' if count > 1 else ''} (start to exit)", f"{ours:.2f} s",
+           f"VisionEncoderDecoder peer script: {theirs:.2f} s", f"{ours / theirs:.2f}x")
+          for count, (ours, theirs) in whole.items()],
+        ("prefix prefill, 8 images (GPT-2 reads 8 x prefix tokens once)",
+         f"{prefill:.3f} s", f"peer's cross-attention keys/values: {cross:.3f} s",
+         f"{prefill / cross:.2f}x ({prefill_flops / 1e9:.0f} vs {cross_flops / 1e9:.0f} GFLOP)"),
     ]
     for row in rows:
         print("| " + " | ".join(row) + " |")
+    print("\nWhole process, 1 image, by stage (seconds, median):\n\n| stage | before: peft wrap + merge | now: "
+          "adapters folded, gc.freeze |\n|---|---:|---:|")
+    for stage, before, now in zip(STAGES, stages["peft"], stages["fold"]):
+        print(f"| {stage} | {before:.2f} | {now:.2f} |")
+    print(f"| total | {sum(stages['peft']):.2f} | {sum(stages['fold']):.2f} |")
 
 
 if __name__ == "__main__":

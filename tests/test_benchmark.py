@@ -9,6 +9,9 @@ import torch
 import training_script as ts
 from conftest import ROOT
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import benchmark  # noqa: E402
+
 CPU = torch.device("cpu")
 
 
@@ -18,6 +21,8 @@ def test_benchmark_smoke_mode_prints_the_table():
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line]
     assert rows[0] == "| measurement | value | compared with | ratio |"
+    split = rows.index("| stage | before: peft wrap + merge | now: adapters folded, gc.freeze |")
+    rows, stages = rows[:split], rows[split:]  # the main table, then the per-stage table of a 1-image process
     labels = [row.split(" | ")[0].lstrip("| ") for row in rows[1:]]
     assert labels == ["caption latency, 1 image", "caption latency, 1 image", "captions/s, batch 1",
                       "captions/s, batch 8", "option PREFIX_POOL_GRID=2: caption latency, 1 image",
@@ -28,9 +33,16 @@ def test_benchmark_smoke_mode_prints_the_table():
                       "training images/s, batch 8, 4-bit NF4 LoRA, fp32 compute",
                       f"training peak memory (RSS), batch 8, 4-bit ({ts.choose_precision(CPU, '4bit')[1]})",
                       "parameter memory, 4-bit (captioning)", "caption latency, 1 image, 4-bit",
-                      "captioning peak memory (RSS), 4-bit"]
-    for row in rows[1:]:
+                      "captioning peak memory (RSS), 4-bit",
+                      "whole process, caption 1 image (start to exit)", "whole process, caption 8 images (start to exit)",
+                      "prefix prefill, 8 images (GPT-2 reads 8 x prefix tokens once)"]
+    table = rows[1:]
+    for row in table:
         value = row.split(" | ")[1]
         assert re.match(r"^\d+(\.\d+)?( s| MB)?$", value), row
+    assert "VisionEncoderDecoder peer script" in table[15] and "cross-attention keys/values" in table[17]
+    assert [row.split(" | ")[0].lstrip("| ") for row in stages[1:]] == [*benchmark.STAGES, "total"]
+    for row in stages[1:]:
+        assert all(re.match(r"^\d+\.\d\d$", cell) for cell in row.strip("| ").split(" | ")[1:]), row
     assert "VisionEncoderDecoder peer" in rows[1] and "floor" in rows[2]
     assert "full-precision LoRA" in rows[10] and "full precision, LoRA merged" in rows[14]

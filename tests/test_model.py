@@ -166,6 +166,36 @@ def test_merged_lora_gives_the_same_outputs(tiny_models):
     assert torch.allclose(before, after, atol=1e-4)
 
 
+@pytest.mark.parametrize("projector", ["linear", "mlp"])
+def test_folded_adapters_equal_peft_merge_bit_for_bit(tiny_models, tmp_path, projector):
+    """rebuild_from_checkpoint folds the saved LoRAs into the base weights without peft; the reference is peft's
+    own path: wrap, load the adapters, merge_and_unload."""
+    model, tokenizer, _, config = ts.build_model(tiny_config(tiny_models, projector=projector), torch.device("cpu"))
+    torch.manual_seed(0)
+    for param in model.parameters():  # LoRA B starts at zero: give the adapters something to fold
+        if param.requires_grad:
+            torch.nn.init.normal_(param, std=0.2)
+    ts.save_checkpoint(tmp_path / "trained.pth", model, config, {"epoch": 1})
+    state = ts.load_checkpoint(tmp_path / "trained.pth")
+    reference, _, _, _ = ts.build_model(state["config"], torch.device("cpu"), quantize="none")
+    ts.load_trained_weights(reference, state["weights"])
+    reference = ts.merge_lora(reference).eval()
+    folded, _, _ = ts.rebuild_from_checkpoint(state, torch.device("cpu"), quantize="none")
+    assert not any("lora" in name for name, _ in folded.named_parameters())
+    expected = dict(reference.named_parameters())
+    assert {name for name, _ in folded.named_parameters()} == set(expected)
+    for name, param in folded.named_parameters():
+        assert torch.equal(param, expected[name]), name
+    pixels = torch.rand(3, 3, 32, 32)
+    batch = ts.tokenize_captions(tokenizer, ["a red circle.", "one cat.", "a blue square on white."], 16)
+    with torch.no_grad():
+        assert torch.equal(folded(pixel_values=pixels, **batch).logits, reference(pixel_values=pixels, **batch).logits)
+    assert ts.generate_captions(folded, tokenizer, pixels, 12) == ts.generate_captions(reference, tokenizer, pixels, 12)
+    state["weights"]["lm_lora"] = {k: v[:, :2] if "lora_A" in k else v for k, v in state["weights"]["lm_lora"].items()}
+    with pytest.raises(ts.Img2GPTError, match="'lm_lora' does not fit the model"):
+        ts.rebuild_from_checkpoint(state, torch.device("cpu"), quantize="none")
+
+
 def test_decoding_settings_reach_generate(tiny_models):
     model, tokenizer = randomized_model(tiny_models)
     pixels = torch.rand(3, 3, 32, 32)
