@@ -360,6 +360,8 @@ def find_layout(data_dir):
     recognised by content. The shallowest files win; at one depth, the first kind in LAYOUTS. COCO's train and
     val annotation files are read together; otherwise one file is used and, if others were found, named."""
     root = Path(data_dir)
+    if root.is_file():
+        raise Img2GPTError(f"--data-dir '{data_dir}' is a file: give the folder that holds it and the images")
     if not root.is_dir():
         raise Img2GPTError(f"data folder '{data_dir}' does not exist: pass --data-dir with your dataset's folder")
     for depth in range(4):

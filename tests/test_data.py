@@ -51,6 +51,9 @@ def test_missing_data_folder_and_csv_are_clear_errors(tmp_path):
         ts.find_layout(tmp_path / "nowhere")
     with pytest.raises(ts.Img2GPTError, match="no captions found .* looked for metadata.jsonl"):
         ts.find_layout(tmp_path)
+    (tmp_path / "captions.txt").write_text("image,caption\n")
+    with pytest.raises(ts.Img2GPTError, match="is a file: give the folder that holds it"):
+        ts.find_layout(tmp_path / "captions.txt")
 
 
 def test_missing_and_corrupt_images_are_left_out_with_a_count(flickr_dir, capsys):
