@@ -126,6 +126,8 @@ RESUME_MAY_CHANGE = ("learning_rate", "num_epochs", "eval_interval", "num_sample
                      "eval_after_training", "num_workers", "device_choice", "quantize")
 # These shape the trained weights (the checkpoint's config holds them): a resume that differs is refused.
 RESUME_FIXED = ("lora_r", "lora_alpha", "lora_dropout", "max_caption_tokens", "prefix_pool_grid", "projector")
+# Model-config values checkpoints from before each option lack: the original bridge, every patch token.
+MODEL_CONFIG_DEFAULTS = {"projector": "linear", "prefix_pool_grid": 0}
 MODEL_CONFIG_KEYS = ("vit_model", "gpt2_model", "lora_r", "lora_alpha", "lora_dropout", "max_caption_tokens",
                      "vision_lora_targets", "lm_lora_targets", "projection_in", "projection_out")
 # The type of every model-config value a checkpoint may hold: a file edited by hand is refused, not half-loaded.
@@ -945,7 +947,7 @@ def build_model(model_config, device, announce=lambda step: None, quantize="auto
     if four_bit:
         require_4bit_support(device)
     config = dict(model_config)
-    config.setdefault("projector", "linear")  # checkpoints from before the option had the original bridge
+    config = {**MODEL_CONFIG_DEFAULTS, **config}
     make_projector(config["projector"], 1, 1)  # an unknown kind fails before minutes of loading
     check_families(config)
     announce(1)
@@ -966,7 +968,6 @@ def build_model(model_config, device, announce=lambda step: None, quantize="auto
             raise Img2GPTError(f"checkpoint {key} is {config[key]} but the base models give {size}: "
                                "use the base models it was trained with (--vit-model / --gpt2-model)")
     projection = make_projector(config["projector"], *sizes.values()).to(device)  # fp32: GradScaler needs it
-    config.setdefault("prefix_pool_grid", 0)  # checkpoints from before the option used every token
     model = Img2GPT(vision, lm, projection, config["prefix_pool_grid"], quantized=four_bit)
     if four_bit:
         allow_cpu_weight_packing(model, False)  # a model that may train; rebuild_from_checkpoint allows it
@@ -1165,6 +1166,15 @@ def load_checkpoint(path):
     return state
 
 
+def require_fit(part, expected, given):
+    """Refuse a checkpoint part that misses a key of `expected` ({key: shape}) or holds it in another shape."""
+    missing = [key for key in expected if key not in given]
+    clash = [key for key in expected if key in given and tuple(given[key].shape) != tuple(expected[key])]
+    if missing or clash:
+        raise Img2GPTError(f"checkpoint '{part}' does not fit the model: missing {missing[:3]}, "
+                           f"wrong shape {clash[:3]}")
+
+
 def load_trained_weights(model, weights):
     """Restore both LoRAs and the projection, refusing a checkpoint that misses or mis-sizes any key."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
@@ -1172,12 +1182,7 @@ def load_trained_weights(model, weights):
     expected = {"vision_lora": get_peft_model_state_dict(model.vision),
                 "lm_lora": get_peft_model_state_dict(model.lm), "projection": model.projection.state_dict()}
     for part, tensors in expected.items():
-        given = weights.get(part, {})
-        missing = [key for key in tensors if key not in given]
-        clash = [key for key in tensors if key in given and given[key].shape != tensors[key].shape]
-        if missing or clash:
-            raise Img2GPTError(f"checkpoint '{part}' does not fit the model: missing {missing[:3]}, "
-                               f"wrong shape {clash[:3]}")
+        require_fit(part, {key: tensor.shape for key, tensor in tensors.items()}, weights.get(part, {}))
     set_peft_model_state_dict(model.vision, weights["vision_lora"])
     set_peft_model_state_dict(model.lm, weights["lm_lora"])
     model.projection.load_state_dict(weights["projection"])
@@ -1190,29 +1195,25 @@ def fold_trained_weights(model, weights, config):
     GPT-2's Conv1D stores its weight transposed (peft's fan_in_fan_out)."""
     from transformers.pytorch_utils import Conv1D
 
-    scaling = config["lora_alpha"] / config["lora_r"]
+    r, scaling = config["lora_r"], config["lora_alpha"] / config["lora_r"]
     for part, base, targets in (("vision_lora", model.vision, config["vision_lora_targets"]),
                                 ("lm_lora", model.lm, config["lm_lora_targets"])):
-        given, updates, missing, clash = weights.get(part, {}), [], [], []
-        for name, module in base.named_modules():
-            if name.rsplit(".", 1)[-1] not in targets:
-                continue
-            keys = [f"base_model.model.{name}.lora_{ab}.weight" for ab in "AB"]
-            missing += [key for key in keys if key not in given]
-            if all(key in given for key in keys):
-                delta = given[keys[1]] @ given[keys[0]]
-                delta = delta.T if isinstance(module, Conv1D) else delta
-                (clash if delta.shape != module.weight.shape else updates).append((module, delta, keys[0]))
-        if missing or clash:
-            raise Img2GPTError(f"checkpoint '{part}' does not fit the model: missing {missing[:3]}, "
-                               f"wrong shape {[key for _, _, key in clash][:3]}")
+        adapted = {name: module for name, module in base.named_modules() if name.rsplit(".", 1)[-1] in targets}
+        expected = {}
+        for name, module in adapted.items():
+            out_features, in_features = module.weight.shape[::-1] if isinstance(module, Conv1D) else module.weight.shape
+            expected[f"base_model.model.{name}.lora_A.weight"] = (r, in_features)
+            expected[f"base_model.model.{name}.lora_B.weight"] = (out_features, r)
+        given = weights.get(part, {})
+        require_fit(part, expected, given)
         with torch.no_grad():
-            for module, delta, _ in updates:
-                module.weight += delta * scaling
-    try:
-        model.projection.load_state_dict(weights["projection"])
-    except (KeyError, RuntimeError) as exc:
-        raise Img2GPTError(f"checkpoint 'projection' does not fit the model ({type(exc).__name__})") from None
+            for name, module in adapted.items():
+                prefix = f"base_model.model.{name}"
+                delta = given[f"{prefix}.lora_B.weight"] @ given[f"{prefix}.lora_A.weight"]
+                module.weight += (delta.T if isinstance(module, Conv1D) else delta) * scaling
+    require_fit("projection", {key: t.shape for key, t in model.projection.state_dict().items()},
+                weights.get("projection", {}))
+    model.projection.load_state_dict(weights["projection"])
 
 
 def rebuild_from_checkpoint(state, device, vit_model=None, gpt2_model=None, announce=lambda step: None,
@@ -1469,14 +1470,14 @@ def check_resume(cfg, state, processes):
         raise Img2GPTError(f"resume with the run's own --batch-size {saved[0]}, --seed {saved[1]} and {saved[2]} "
                            "process(es): the batch order depends on them")
     config = dict(state["config"])
-    fixed = {name: config.get(name, {"prefix_pool_grid": 0, "projector": "linear"}.get(name)) for name in RESUME_FIXED}
+    fixed = {name: {**MODEL_CONFIG_DEFAULTS, **config}.get(name) for name in RESUME_FIXED}
     fixed["warmup_steps"] = train.get("settings", {}).get("warmup_steps", cfg.warmup_steps)
     for name, was in fixed.items():
         if getattr(cfg, name) != was:
             flag = flag_of(name, FLAG_ALIASES)
-            raise Img2GPTError(f"{flag} {getattr(cfg, name)!r} differs from the run's {was!r}, which its "
-                               f"{'schedule depends' if name == 'warmup_steps' else 'trained weights depend'} on: resume "
-                               f"with {flag} {was}, or start a new run in another --output-dir")
+            what = "schedule depends" if name == "warmup_steps" else "trained weights depend"
+            raise Img2GPTError(f"{flag} {getattr(cfg, name)!r} differs from the run's {was!r}, which its {what} on: "
+                               f"resume with {flag} {was}, or start a new run in another --output-dir")
     for key, name, default in (("vit_model", cfg.vit_model_name, VIT_MODEL_NAME),
                                ("gpt2_model", cfg.gpt2_model_name, GPT2_MODEL_NAME)):
         if name != default:  # as for --evaluate and inference: the flag names another copy
