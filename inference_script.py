@@ -23,8 +23,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from training_script import (DECODING_RULES, IMAGE_ERRORS, Img2GPTError, at_least, caption_sources,
-                             check_settings, choose_precision, decoding_settings, load_checkpoint, load_image,
-                             parse_config, positive_finite, read_text, rebuild_from_checkpoint, resolve_device,
+                             check_context, check_settings, choose_precision, decoding_settings, load_checkpoint, load_image,
+                             parse_config, read_text, rebuild_from_checkpoint, resolve_device,
                              run_cli)
 
 # --- What to caption ------------------------------------------------------------------------------
@@ -58,7 +58,9 @@ FLAG_ALIASES = {"MODEL_WEIGHTS_PATH": "--weights", "IMAGE_URL": "--image", "DEVI
                 "VIT_MODEL_NAME": "--vit-model", "GPT2_MODEL_NAME": "--gpt2-model", "JSON_OUTPUT": "--json"}
 RULE = "=" * 50
 SETTING_RULES = {
-    "request_timeout": (positive_finite, "a number of seconds above 0"),
+    # threading's timers (the download deadline) take at most TIMEOUT_MAX seconds (about 292 years)
+    "request_timeout": (lambda value: 0 < value <= threading.TIMEOUT_MAX,
+                        f"a number of seconds above 0, at most {threading.TIMEOUT_MAX:.0f}"),
     "max_image_bytes": (at_least(1), "1 or more"),
     **DECODING_RULES,
     "batch_size": (at_least(1), "1 or more"),
@@ -240,10 +242,15 @@ def fetch_image(source, timeout, max_bytes):
         raise Img2GPTError(f"{what} is not a readable image ({exc})") from None
 
 
-def load_model(weights_path, device, vit_model=None, gpt2_model=None, say=print, quantize="auto"):
-    """Rebuild the trained model from the checkpoint's config, printing the original design's Step lines."""
+def load_model(weights_path, device, vit_model=None, gpt2_model=None, say=print, quantize="auto",
+               max_new_tokens=None):
+    """Rebuild the trained model from the checkpoint's config, printing the original design's Step lines.
+    MAX_NEW_TOKENS is checked against the language model's positions before anything loads."""
     four_bit, _ = choose_precision(device, quantize)  # an unknown value fails before the checkpoint is read
     state = load_checkpoint(weights_path)
+    config = {**state["config"], **{key: name for key, name in (("vit_model", vit_model), ("gpt2_model", gpt2_model))
+                                    if name}}
+    longest = check_context(config, max_new_tokens=max_new_tokens, aliases=FLAG_ALIASES)
     precision = "with 4-bit quantization" if four_bit else "in full precision"
     steps = {1: f"Loading tokenizer and base models ({precision})...",
              2: "Applying the exact same LoRA configurations...",
@@ -252,6 +259,7 @@ def load_model(weights_path, device, vit_model=None, gpt2_model=None, say=print,
     model = rebuild_from_checkpoint(state, device, vit_model, gpt2_model, lambda n: say(f"Step {n}: {steps[n]}"),
                                     quantize)
     say("Model successfully built and ready for inference!")
+    model[0].longest_caption = longest  # the web page's token slider stops there
     return model
 
 
@@ -279,12 +287,14 @@ def serve_web(model, tokenizer, processor, open_image, cfg, say=print):
         source = image_path or url
         if not source:
             raise gr.Error("Drop an image or paste its URL first.")
-        settings = {**decoding_settings(cfg), "num_beams": int(num_beams), "max_new_tokens": int(max_new_tokens)}
+        settings = {**decoding_settings(cfg), "num_beams": int(num_beams),
+                    "max_new_tokens": min(int(max_new_tokens), longest)}  # past the LM's positions: an IndexError
         _, result = next(caption_sources(model, tokenizer, processor, [source], open_image, 1, settings))
         if isinstance(result, Exception):  # what the command line would print as an error line
             raise gr.Error(str(result))
         return result
 
+    longest = min(80, getattr(model, "longest_caption", None) or 80)
     with gr.Blocks(title="Img2GPT") as page:
         gr.Markdown(f"# Img2GPT\nCaptions by `{Path(cfg.model_weights_path).name}`. Drop an image or paste a URL.")
         with gr.Row():
@@ -292,7 +302,8 @@ def serve_web(model, tokenizer, processor, open_image, cfg, say=print):
                 image = gr.Image(type="filepath", label="Image")
                 url = gr.Textbox(label="...or an image URL", placeholder="https://...")
                 beams = gr.Slider(1, 8, value=cfg.num_beams, step=1, label="Beams (1: greedy)")
-                tokens = gr.Slider(5, 80, value=cfg.max_new_tokens, step=1, label="Max new tokens")
+                tokens = gr.Slider(min(5, longest), longest, value=min(cfg.max_new_tokens, longest), step=1,
+                                   label="Max new tokens")
                 button = gr.Button("Caption", variant="primary")
             with gr.Column():
                 result = gr.Textbox(label="Caption", elem_id="caption", interactive=False)
@@ -335,9 +346,9 @@ def report(results, json_output):
 
 def main(argv=None):
     cfg = parse_config(CONSTANTS, argv, FLAG_ALIASES, __doc__, repeatable=("IMAGE_URL",), script=__file__)
-    check_settings(cfg, SETTING_RULES, FLAG_ALIASES)
     if any(not value.strip() for value in cfg.image_url):  # '' would caption the whole current folder
         raise Img2GPTError("--image '' names no image: give a URL, an image path, a folder or a .txt list")
+    check_settings(cfg, SETTING_RULES, FLAG_ALIASES)
     # With --json, stdout carries only the records, so that scripts can read it line by line.
     say = partial(print, file=sys.stderr) if cfg.json_output else print
     device = resolve_device(cfg.device_choice)
@@ -345,7 +356,7 @@ def main(argv=None):
         require_free_port(cfg.web_port)
     say(f"Using device: {device}")
     model, tokenizer, processor = load_model(cfg.model_weights_path, device, cfg.vit_model_name,
-                                             cfg.gpt2_model_name, say, cfg.quantize)
+                                             cfg.gpt2_model_name, say, cfg.quantize, cfg.max_new_tokens)
     # What is loaded now (the libraries' objects, the model) lives until exit: moved out of the collector's
     # sight, no collection walks it again, the last one at exit included (about 1 s here, benchmarks/).
     gc.freeze()
@@ -366,4 +377,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, keep_working=False)  # a closed stdout (| head -1) has read all it wants: stop captioning

@@ -42,6 +42,7 @@ NUM_WORKERS = 2  # DataLoader worker processes decoding images (0: decode in the
 KAGGLE_DATASET = "hsankesara/flickr-image-dataset"  # Kaggle handle downloaded with kagglehub (Flickr8k: adityajn105/flickr8k)
 DATA_DIR = None  # folder of captioned images in any layout README "Your own data" lists; None: download KAGGLE_DATASET
 KARPATHY_SPLIT_FILE = "auto"  # "auto": the data's own split, else Karpathy's standard one (downloaded); a dataset_*.json path; "none": seeded
+ALLOW_OUTSIDE_DATA_DIR = False  # True: caption files may name images outside DATA_DIR (../, absolute paths, links out)
 OUTPUT_DIR = "."  # where img2gpt_epoch_N.pth and training_log.jsonl are written
 VAL_IMAGES = 1014  # validation images (Karpathy's Flickr30k size); at most 10% of the images on small data
 TEST_IMAGES = 1000  # test images held out of training; at most 10% of the images on small data
@@ -110,8 +111,9 @@ LAYOUTS = {
 }
 CAPTION_FILE_SUFFIXES = (".csv", ".txt", ".jsonl", ".json")
 CAPTION_COLUMNS = {"text", "caption", "captions"}
+# Split names as datasets spell them (any case, spaces around), in every reader; others are left out and named.
 SPLIT_NAMES = {"train": "train", "training": "train", "restval": "train", "val": "val", "valid": "val",
-               "validation": "val", "dev": "val", "test": "test"}
+               "validation": "val", "dev": "val", "development": "val", "test": "test", "testing": "test"}
 # Kaggle copy of Karpathy's splits: caption_datasets/dataset_{flickr30k,flickr8k,coco}.json.
 KARPATHY_SPLITS = "shtvkumar/karpathy-splits"
 # How each of Karpathy's datasets names its image files (COCO 2014 and 2017 names).
@@ -168,7 +170,7 @@ TRAINING_RULES = {
     "num_workers": (at_least(0), "0 or more"),
     "val_images": (at_least(0), "0 or more"),
     "test_images": (at_least(0), "0 or more"),
-    "seed": (at_least(0), "0 or more"),
+    "seed": (lambda value: 0 <= value < 2**32, f"0 to {2**32 - 1} (numpy's seed range)"),
     "max_caption_tokens": (at_least(2), "2 or more (a token and EOS)"),
     "lora_r": (at_least(1), "1 or more"),
     "lora_alpha": (positive_finite, "a number above 0"),
@@ -192,7 +194,13 @@ def flag_of(name, aliases):
 
 
 def check_settings(cfg, rules, aliases):
-    """One error line for the first setting out of its range, naming its flag, its value and what is allowed."""
+    """One error line for the first setting out of its range, naming its flag, its value and what is allowed.
+    A blank text setting is refused too: '' (an unset shell variable) never means "unset" for a path."""
+    for name, value in vars(cfg).items():
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str) and not text.strip():
+                raise Img2GPTError(f"{flag_of(name, aliases)} {text!r} names nothing: give a value, or leave the flag "
+                                   "out for its default")
     for name, (allowed, text) in rules.items():
         value = getattr(cfg, name)
         if not allowed(value):
@@ -328,6 +336,38 @@ def read_text(path):
         return data.decode("latin-1")
 
 
+def text_encoding(path):
+    """"utf-8-sig" when the whole file is UTF-8 (BOM or not), else "latin-1"; checked in 1 MiB chunks."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with open(path, "rb") as file:
+            while chunk := file.read(1 << 20):
+                decoder.decode(chunk)
+            decoder.decode(b"", final=True)
+        return "utf-8-sig"
+    except UnicodeDecodeError:
+        return "latin-1"
+
+
+def text_lines(path):
+    """The lines of a text file (without their line ends), streamed: a caption file is never held twice."""
+    with open(path, encoding=text_encoding(path), newline=None) as file:
+        for line in file:
+            yield line.rstrip("\n")
+
+
+def read_json(path):
+    """A JSON file parsed from its bytes (no decoded copy held beside them): UTF-8 with or without a BOM, else
+    Latin-1."""
+    data = Path(path).read_bytes()
+    try:
+        return json.loads(data.removeprefix(b"\xef\xbb\xbf"))
+    except UnicodeDecodeError:
+        return json.loads(data.decode("latin-1"))
+
+
 def sniff_layout(path):
     """Which LAYOUTS kind a file is, from its content (header row or leading JSON keys), or None."""
     try:
@@ -406,7 +446,9 @@ def read_flickr30k(path):
     caption may hold '|'. One real row lacks its second '|' ("2199200615.jpg| 4   A dog runs ..."): its caption
     follows the number."""
     rows, bad = [], 0
-    for line in read_text(path).splitlines()[1:]:
+    lines = text_lines(path)
+    next(lines, None)  # the header
+    for line in lines:
         parts = [part.strip() for part in line.split("|", 2)]
         if len(parts) == 2 and re.match(r"\d+\s", parts[1]):
             parts = [parts[0], *parts[1].split(None, 1)]
@@ -417,66 +459,72 @@ def read_flickr30k(path):
     return rows, bad
 
 
-def read_csv_rows(path):
-    """The rows of a CSV file (quotes honoured, any encoding read_text takes) as lists of fields."""
+def csv_rows(path):
+    """The fields of each non-blank line of a CSV file (quotes honoured, any encoding text_encoding takes), or
+    None for a line that is not a whole CSV row: a quote left open (which would otherwise swallow every row
+    after it into one caption) or a field past the csv module's size limit. One row per line: captions hold
+    no line breaks."""
     import csv
 
-    return list(csv.reader(io.StringIO(read_text(path), newline="")))
+    for line in text_lines(path):
+        if line.strip():
+            try:
+                yield next(csv.reader([line], strict=True))
+            except csv.Error:
+                yield None
 
 
 def read_image_caption_csv(path):
     """Rows of an 'image,caption' CSV such as Flickr8k's captions.txt; an unquoted comma in a caption makes
     more fields, which are the caption's."""
     rows, bad = [], 0
-    for fields in read_csv_rows(path)[1:]:
-        if len(fields) >= 2:
+    lines = csv_rows(path)
+    next(lines, None)  # the header
+    for fields in lines:
+        if fields is not None and len(fields) >= 2:
             rows.append((fields[0].strip(), ",".join(fields[1:])))
-        elif any(field.strip() for field in fields):
+        else:
             bad += 1
     return rows, bad
 
 
 def metadata_records(path):
-    """The records of a metadata.jsonl (one JSON object a line) or metadata.csv, and how many lines broke."""
-    records, bad = [], 0
+    """The records of a metadata.jsonl (one JSON object a line) or metadata.csv, streamed: a dict per row, or
+    None for a line that is not one."""
     if path.suffix.lower() == ".jsonl":
-        for line in filter(str.strip, read_text(path).splitlines()):
+        for line in filter(str.strip, text_lines(path)):
             try:
                 record = json.loads(line)
             except ValueError:
                 record = None
-            if isinstance(record, dict):
-                records.append(record)
-            else:
-                bad += 1
-        return records, bad
-    header, *rows = read_csv_rows(path) or [[]]
-    header = [name.strip().lower() for name in header]
-    for row in filter(any, rows):
-        if len(row) == len(header):
-            records.append(dict(zip(header, row)))
-        else:
-            bad += 1
-    return records, bad
+            yield record if isinstance(record, dict) else None
+        return
+    lines = csv_rows(path)
+    header = [name.strip().lower() for name in next(lines, None) or []]
+    for row in lines:
+        yield dict(zip(header, row)) if row is not None and len(row) == len(header) else None
+
+
+def normalise_split(value):
+    """The split a row names ("train", "val" or "test", however spelled: SPLIT_NAMES), or the name as given
+    when it is none of them (counted and named by choose_split, never trained on)."""
+    text = str(value).strip()
+    return SPLIT_NAMES.get(text.lower(), text)
 
 
 def read_imagefolder(path):
     """Rows of Hugging Face's imagefolder metadata: file_name relative to the file's folder and a caption
     column (text, caption or captions) holding one caption or a list; an optional split column is kept."""
-    records, bad = metadata_records(path)
-    rows = []
-    for record in records:
-        column = next((name for name in ("text", "caption", "captions") if name in record), None)
+    rows, bad = [], 0
+    for record in metadata_records(path):
+        column = next((name for name in ("text", "caption", "captions") if name in record), None) if record else None
         captions = record.get(column) if column else None
         captions = [captions] if isinstance(captions, str) else captions
-        if not isinstance(record.get("file_name"), str) or not isinstance(captions, list):
+        if not isinstance(captions, list) or not isinstance(record.get("file_name"), str):
             bad += 1
             continue
         split = record.get("split")
-        if split is not None and str(split).strip().lower() not in SPLIT_NAMES:
-            bad += 1
-            continue
-        split = split if split is None else SPLIT_NAMES[str(split).strip().lower()]
+        split = None if split is None else normalise_split(split)
         rows += [(record["file_name"].strip(), str(caption), split) for caption in captions]
     return rows, bad
 
@@ -484,7 +532,7 @@ def read_imagefolder(path):
 def read_coco(path):
     """Rows of a COCO captions_*.json: annotations joined to their image's file_name."""
     try:
-        content = json.loads(read_text(path))
+        content = read_json(path)
         files = {image["id"]: image["file_name"] for image in content["images"]}
         annotations = content["annotations"]
     except (ValueError, KeyError, TypeError) as exc:
@@ -497,15 +545,14 @@ def read_coco(path):
 def read_karpathy(path):
     """Rows of a Karpathy dataset_*.json: filepath/filename, each raw sentence, and its split."""
     try:
-        images = json.loads(read_text(path))["images"]
+        images = read_json(path)["images"]
     except (ValueError, KeyError, TypeError) as exc:
         raise Img2GPTError(f"'{path}' is not a readable Karpathy split file ({type(exc).__name__})") from None
     rows, bad = [], 0
     for image in images:
         try:
             name = "/".join(part for part in (image.get("filepath"), image["filename"]) if part)
-            split = {"restval": "train"}.get(image["split"], image["split"])
-            rows += [(name, sentence["raw"], split) for sentence in image["sentences"]]
+            rows += [(name, sentence["raw"], normalise_split(image["split"])) for sentence in image["sentences"]]
         except (KeyError, TypeError, AttributeError):
             bad += 1
     return rows, bad
@@ -543,6 +590,16 @@ def load_captions(kind, files, data_dir):
     return kept.reset_index(drop=True), folder, bad + len(frame) - len(kept)
 
 
+def outside_data_dir(names, image_dir, data_dir):
+    """The image names that resolve outside data_dir (../, an absolute path, a link that leads out): a caption
+    file, perhaps someone else's, must not decide which files on this machine a run reads. Links inside the
+    folder that lead to another place inside it are fine."""
+    root = os.path.realpath(data_dir)
+    inside = (root.rstrip(os.sep) + os.sep, root)
+    return sorted(name for name in set(names)
+                  if not (real := os.path.realpath(Path(image_dir) / name)).startswith(inside[0]) and real != inside[1])
+
+
 # What opening one image may raise. Beside OSError, SyntaxError, ValueError and the decompression-bomb errors,
 # Pillow's decoders raise others for malformed files (NotImplementedError from a DDS, struct.error, IndexError):
 # every failure to decode one image is that image's problem, never the whole run's or the other images'.
@@ -570,9 +627,12 @@ def drop_unusable_images(captions, image_dir, verbose=True):
     from tqdm.auto import tqdm
 
     names = sorted(captions["image_name"].unique())
-    with ThreadPoolExecutor(max_workers=8) as pool:
+    pool = ThreadPoolExecutor(max_workers=8)
+    try:
         usable = list(tqdm(pool.map(lambda n: is_usable_image(Path(image_dir) / n), names), total=len(names),
                            desc="checking images", leave=False, disable=not verbose))
+    finally:  # on Ctrl+C the images still queued are dropped, not checked first
+        pool.shutdown(wait=False, cancel_futures=True)
     bad = {name for name, ok in zip(names, usable) if not ok}
     if bad and verbose:
         print(f"Left out {len(bad)} of {len(names)} images: missing or unreadable (e.g. {sorted(bad)[0]})")
@@ -599,20 +659,32 @@ def karpathy_key(name, dataset):
 
 
 def karpathy_split(path, image_names, dataset=None):
-    """Karpathy's train/val/test assignment (a dataset_*.json), restricted to the images at hand, so scores
-    compare with published ones; 'restval' and images the file does not list train."""
+    """(splits, {unknown split name: images}): Karpathy's train/val/test assignment (a dataset_*.json),
+    restricted to the images at hand, so scores compare with published ones; 'restval' and images the file does
+    not list train; an image it gives a split of no known name is left out (see group_by_split)."""
     try:
-        content = json.loads(read_text(path))
+        content = read_json(path)
         dataset = dataset or content.get("dataset")
-        assignment = {karpathy_key(image["filename"], dataset): image["split"] for image in content["images"]}
+        assignment = {karpathy_key(image["filename"], dataset): normalise_split(image["split"])
+                      for image in content["images"]}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise Img2GPTError(f"cannot read Karpathy split file '{path}' ({type(exc).__name__}): give a "
                            "dataset_*.json, or --karpathy-split-file none") from None
-    splits = {"train": [], "val": [], "test": []}
-    for name in sorted(set(image_names)):
-        split = assignment.get(karpathy_key(name, dataset), "train")
-        splits[split if split in splits else "train"].append(name)
-    return splits
+    return group_by_split((name, assignment.get(karpathy_key(name, dataset), "train")) for name in set(image_names))
+
+
+def group_by_split(assigned):
+    """(splits, {unknown split name: image count}) of (image, split) pairs, images sorted within each split.
+    A split named none of train/val/test (after normalise_split) is neither trained on nor held out: counted."""
+    from collections import Counter
+
+    splits, unknown = {"train": [], "val": [], "test": []}, Counter()
+    for name, split in sorted(assigned):
+        if split in splits:
+            splits[split].append(name)
+        else:
+            unknown[split] += 1
+    return splits, dict(unknown)
 
 
 def fetch_karpathy_split(dataset):
@@ -634,23 +706,23 @@ def fetch_karpathy_split(dataset):
 
 
 def choose_split(cfg, captions, main=True):
-    """(splits, what the split is). KARPATHY_SPLIT_FILE "auto": the data's own split when it has one (a split
-    column, a Karpathy JSON), else Karpathy's for Flickr30k, Flickr8k or COCO, downloaded once; when that
-    fails, the seeded split, said loudly. A path: that file. "none": the seeded split."""
+    """(splits, {unknown split name: images left out}, what the split is). KARPATHY_SPLIT_FILE "auto": the
+    data's own split when it has one (a split column, a Karpathy JSON), else Karpathy's for Flickr30k, Flickr8k
+    or COCO, downloaded once; when that fails, the seeded split, said loudly. A path: that file. "none": the
+    seeded split."""
     names, choice = captions["image_name"], cfg.karpathy_split_file
     seeded = f"seeded (seed {cfg.seed})"
     if choice not in ("auto", "none"):
-        return karpathy_split(choice, names), f"karpathy ({Path(choice).name})"
+        return *karpathy_split(choice, names), f"karpathy ({Path(choice).name})"
     if choice == "auto" and "split" in captions:
         first = captions.drop_duplicates("image_name")  # an image listed in two splits keeps its first
-        return {split: sorted(first.loc[first["split"] == split, "image_name"]) for split in ("train", "val", "test")
-                }, "the data's own split"
+        return *group_by_split(zip(first["image_name"], first["split"])), "the data's own split"
     dataset = standard_dataset(names) if choice == "auto" else None
     if dataset:
         try:
-            splits = karpathy_split(fetch_karpathy_split(dataset), names, dataset)
+            splits, unknown = karpathy_split(fetch_karpathy_split(dataset), names, dataset)
             if splits["val"] and splits["test"]:
-                return splits, f"karpathy ({dataset})"
+                return splits, unknown, f"karpathy ({dataset})"
             seeded += f", none of Karpathy's {dataset} validation or test images are here"
         except Img2GPTError as exc:
             seeded += ", NOT Karpathy's: it could not be downloaded"
@@ -660,7 +732,7 @@ def choose_split(cfg, captions, main=True):
                       f"copy of dataset_{dataset}.json to use it.")
     elif choice == "auto":
         seeded += ", your own images have no standard split"
-    return split_by_image(names, cfg.val_images, cfg.test_images, cfg.seed), seeded
+    return split_by_image(names, cfg.val_images, cfg.test_images, cfg.seed), {}, seeded
 
 
 def split_by_image(image_names, val_images, test_images, seed):
@@ -938,6 +1010,46 @@ def make_projector(kind, width_in, width_out):
     raise Img2GPTError(f"unknown PROJECTOR '{kind}': use one of {', '.join(PROJECTORS)}")
 
 
+def prefix_length(vision_name, pool_grid):
+    """How many prefix tokens the vision encoder gives one image, found without loading weights: the encoder
+    is built on the meta device (shapes only) and fed an image the size its processor makes."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel
+
+    config = AutoConfig.from_pretrained(vision_name)
+    pixels = preprocess(AutoImageProcessor.from_pretrained(vision_name), [Image.new("RGB", (64, 64))])
+    config = getattr(config, "vision_config", config)  # a CLIP or SigLIP checkpoint: its vision tower
+    with torch.device("meta"):
+        hidden = AutoModel.from_config(config)(pixel_values=pixels.to("meta")).last_hidden_state
+    return pool_patches(hidden, pool_grid).shape[1] if pool_grid else hidden.shape[1]
+
+
+def check_context(model_config, max_caption_tokens=None, max_new_tokens=None, aliases=None):
+    """A caption read in training (prefix + MAX_CAPTION_TOKENS) and one written (prefix + MAX_NEW_TOKENS) must
+    fit the language model's positions (GPT-2's n_positions, else max_position_embeddings): past them GPT-2
+    fails with an IndexError in the middle of a run. One error line naming the flag and its limit; returns the
+    longest MAX_NEW_TOKENS that fits (None when the LM states no limit). Model files that cannot be read yet
+    are left to the model's loading to report, as it always has."""
+    from transformers import AutoConfig
+
+    try:
+        lm_config = AutoConfig.from_pretrained(model_config["gpt2_model"])
+        context = getattr(lm_config, "n_positions", None) or getattr(lm_config, "max_position_embeddings", None)
+        prefix = context and prefix_length(model_config["vit_model"], model_config.get("prefix_pool_grid", 0))
+    except (OSError, ValueError):
+        return None
+    if not context:
+        return None
+    # Generation feeds back every new token but the last, so it needs one position fewer than it writes.
+    for name, value, room in (("max_caption_tokens", max_caption_tokens, context - prefix),
+                              ("max_new_tokens", max_new_tokens, context - prefix + 1)):
+        if value is not None and value > room:
+            raise Img2GPTError(
+                f"{flag_of(name, aliases or {})} {value} does not fit: the language model reads {context} positions "
+                f"and the image prefix takes {prefix}, so give at most {room}"
+                + ("" if room >= 2 else " (or shorten the prefix with --prefix-pool-grid)"))
+    return context - prefix + 1
+
+
 def build_model(model_config, device, announce=lambda step: None, quantize="auto", wrap_lora=True):
     """(Img2GPT, tokenizer, processor, model_config with the found LoRA targets and projection sizes), in 4-bit
     or full precision as QUANTIZE `quantize` decides on `device`. `announce(step)` is called before each stage
@@ -1097,8 +1209,8 @@ def write_atomically(path, write):
         raise
 
 
-DIVERGED = ("training diverged{where}: lower --learning-rate and --resume auto (img2gpt_last.pth holds the weights "
-            "of the last save before it; the new rate applies from there), or start over with --overwrite")
+DIVERGED = ("training diverged{where}: lower --learning-rate and --resume auto (it continues from img2gpt_last.pth, "
+            "the last save before it, or starts afresh when there was none), or start over with --overwrite")
 
 
 def non_finite_parts(weights):
@@ -1300,9 +1412,7 @@ def score_captions(references, predictions):
     notes = [f"tokenizer: {tokenizer}"]
     if not shutil.which("java"):
         return scores, notes + ["METEOR and SPICE left out: they need Java (install a JRE to get them)"]
-    from pycocoevalcap.meteor.meteor import Meteor
-
-    scores["METEOR"] = float(Meteor().compute_score(gts, res)[0])
+    scores["METEOR"] = meteor_score(gts, res)
     import pycocoevalcap.spice as spice
 
     if any((Path(spice.__file__).parent / "lib").glob("stanford-corenlp-*-models.jar")):
@@ -1315,9 +1425,56 @@ def score_captions(references, predictions):
     return scores, notes
 
 
-def evaluate_on_test(model, tokenizer, processor, data, cfg, checkpoint_name, output_dir):
-    """Caption every test image, score against all its references, write OUTPUT_DIR/eval_<checkpoint>.json
-    and print the scores as a table. Returns the scores."""
+def checkpoint_identity(path, state):
+    """What an evaluation JSON records of the checkpoint it scored: its path, a SHA-256 of its bytes, and the
+    training run it comes from (run_id; None for checkpoints from before runs had one)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return {"checkpoint_path": str(Path(path).resolve()), "checkpoint_sha256": digest.hexdigest(),
+            "run": state.get("run_id") or state.get("training_state", {}).get("run_id")}
+
+
+def evaluation_path(output_dir, checkpoint_name, identity):
+    """OUTPUT_DIR/eval_<checkpoint>.json, unless that file holds the result of another checkpoint file (another
+    run's img2gpt_epoch_1.pth, say): then eval_<checkpoint>_<first 8 of its SHA-256>.json, so no result is ever
+    replaced by another checkpoint's. The same checkpoint scored again replaces its own result."""
+    path = Path(output_dir) / f"eval_{checkpoint_name}.json"
+    try:
+        earlier = json.loads(path.read_bytes()).get("checkpoint_sha256") if path.exists() else None
+    except (OSError, ValueError, AttributeError):  # unreadable or not ours: keep it too
+        earlier = ""
+    if path.exists() and earlier != identity["checkpoint_sha256"]:
+        apart = path.with_name(f"eval_{checkpoint_name}_{identity['checkpoint_sha256'][:8]}.json")
+        print(f"'{path}' holds the result of another checkpoint file: it is kept, and this one goes to '{apart}'")
+        return apart
+    return path
+
+
+def meteor_score(gts, res):
+    """pycocoevalcap's METEOR, its Java process ended however scoring ends. Its own cleanup (__del__) waits for
+    a lock that compute_score keeps when it is interrupted: Ctrl+C during METEOR used to hang for good."""
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    meteor = Meteor()
+    try:
+        return float(meteor.compute_score(gts, res)[0])
+    finally:
+        meteor.meteor_p.kill()
+        meteor.meteor_p.wait()
+        for pipe in (meteor.meteor_p.stdin, meteor.meteor_p.stdout, meteor.meteor_p.stderr):
+            with contextlib.suppress(OSError):
+                pipe.close()
+        if meteor.lock.locked():
+            meteor.lock.release()
+
+
+def evaluate_on_test(model, tokenizer, processor, data, cfg, checkpoint_name, path, identity):
+    """Caption every test image, score against all its references, print the scores as a table and write them
+    to `path` (from evaluation_path) with the checkpoint's identity. Returns the scores."""
     from tqdm.auto import tqdm
 
     names = data.splits["test"]
@@ -1332,31 +1489,37 @@ def evaluate_on_test(model, tokenizer, processor, data, cfg, checkpoint_name, ou
     for name, caption in tqdm(results, total=len(names), desc="captioning the test split"):
         predictions[name] = "" if isinstance(caption, Exception) else caption  # unreadable now: scores zero
     scores, notes = score_captions(references, predictions)
-    path = Path(output_dir) / f"eval_{checkpoint_name}.json"
-    report = {**scores, "checkpoint": checkpoint_name, "split": data.split_name, "test_images": len(names),
-              "decoding": decoding, "notes": notes,
-              "captions": [{"image": n, "generated": predictions[n], "references": references[n]} for n in names]}
-    write_atomically(path, lambda file: file.write(json.dumps(report, indent=2).encode("utf-8")))
+    # Printed before writing: a disk that fills up now loses the file, never the numbers.
     print(f"\nTest split ({data.split_name}, {len(names)} images), {checkpoint_name}:\n\n| metric | score |\n|---|---:|")
     print("\n".join(f"| {metric} | {value:.4f} |" for metric, value in scores.items()))
     for note in notes:
         print(f"({note})")
+    report = {**scores, "checkpoint": checkpoint_name, **identity, "split": data.split_name,
+              "test_images": len(names), "decoding": decoding, "notes": notes,
+              "captions": [{"image": n, "generated": predictions[n], "references": references[n]} for n in names]}
+    write_atomically(path, lambda file: file.write(json.dumps(report, indent=2).encode("utf-8")))
     print(f"\nWrote {path}")
     return scores
 
 
 def evaluate_checkpoint(cfg):
-    """--evaluate PATH: score a saved checkpoint on the test split without training."""
+    """--evaluate PATH: score a saved checkpoint on the test split without training. Where the result goes is
+    checked and chosen before anything slow."""
     state = load_checkpoint(cfg.evaluate)
     device = resolve_device(cfg.device_choice)
-    data = prepare_data(cfg)
+    config = dict(state["config"])
     # --vit-model / --gpt2-model, when set, name other copies of the base models (e.g. local folders).
-    model, tokenizer, processor = rebuild_from_checkpoint(
-        state, device, cfg.vit_model_name if cfg.vit_model_name != VIT_MODEL_NAME else None,
-        cfg.gpt2_model_name if cfg.gpt2_model_name != GPT2_MODEL_NAME else None, quantize=cfg.quantize)
-    output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    return evaluate_on_test(model, tokenizer, processor, data, cfg, Path(cfg.evaluate).stem, output_dir)
+    vit_model = cfg.vit_model_name if cfg.vit_model_name != VIT_MODEL_NAME else None
+    gpt2_model = cfg.gpt2_model_name if cfg.gpt2_model_name != GPT2_MODEL_NAME else None
+    config.update({key: name for key, name in (("vit_model", vit_model), ("gpt2_model", gpt2_model)) if name})
+    check_context(config, max_new_tokens=cfg.max_new_tokens, aliases=FLAG_ALIASES)
+    output_dir = require_writable_dir(cfg.output_dir)
+    checkpoint_name = Path(cfg.evaluate).stem
+    identity = checkpoint_identity(cfg.evaluate, state)
+    path = evaluation_path(output_dir, checkpoint_name, identity)
+    data = prepare_data(cfg)
+    model, tokenizer, processor = rebuild_from_checkpoint(state, device, vit_model, gpt2_model, quantize=cfg.quantize)
+    return evaluate_on_test(model, tokenizer, processor, data, cfg, checkpoint_name, path, identity)
 
 
 # --- Training -------------------------------------------------------------------------------------
@@ -1413,7 +1576,7 @@ def save_last(run, epoch, step, loss_sum=0.0, loss_count=0):
     """OUTPUT_DIR/img2gpt_last.pth: weights plus training state after `step` batches of `epoch`."""
     if run.main:
         save_checkpoint(run.output_dir / "img2gpt_last.pth", run.model, run.model_config,
-                        {"training_state": training_state(run, epoch, step, loss_sum, loss_count)})
+                        {"training_state": training_state(run, epoch, step, loss_sum, loss_count), "run_id": run.run_id})
 
 
 def linear_schedule(warmup, total):
@@ -1619,10 +1782,57 @@ def prepare_data(cfg, main=True):
         print(f"Data: {LAYOUTS[kind]}: {', '.join(map(str, files))}, {len(captions):,} captions of "
               f"{captions['image_name'].nunique():,} images"
               + (f"; skipped {skipped:,} malformed, blank or repeated rows" if skipped else ""))
+    outside = [] if cfg.allow_outside_data_dir else outside_data_dir(captions["image_name"], image_dir, data_dir)
+    if outside:
+        captions = captions[~captions["image_name"].isin(set(outside))].reset_index(drop=True)
+        if captions.empty:
+            raise Img2GPTError(f"every image the captions name lies outside --data-dir '{data_dir}' (e.g. "
+                               f"'{outside[0]}'): pass --allow-outside-data-dir if they are yours to read")
+        if main:
+            print(f"Left out {len(outside):,} images named outside --data-dir (e.g. '{outside[0]}'): caption files "
+                  "may only name images inside it (--allow-outside-data-dir reads them)")
     captions, left_out = drop_unusable_images(captions, image_dir, verbose=main)
-    splits, split_name = choose_split(cfg, captions, main)
-    return types.SimpleNamespace(captions=captions, image_dir=image_dir, left_out=left_out, splits=splits,
-                                 split_name=split_name, layout=kind, caption_files=files, skipped_rows=skipped)
+    splits, unknown_splits, split_name = choose_split(cfg, captions, main)
+    if unknown_splits and main:
+        print(f"Left out {sum(unknown_splits.values()):,} images whose split is not train, val or test: "
+              + ", ".join(f"'{name}' ({count:,})" for name, count in sorted(unknown_splits.items()))
+              + f" (known spellings: {', '.join(sorted(SPLIT_NAMES))})")
+    return types.SimpleNamespace(captions=captions, image_dir=image_dir, left_out=outside + left_out, splits=splits,
+                                 split_name=split_name, layout=kind, caption_files=files, skipped_rows=skipped,
+                                 unknown_splits=unknown_splits)
+
+
+def require_writable_dir(output_dir):
+    """OUTPUT_DIR as a Path, created if needed and proven writable by writing a file: a read-only file system
+    or folder is one error line before the work, not a traceback after it."""
+    folder = Path(output_dir)
+    if folder.exists() and not folder.is_dir():
+        raise Img2GPTError(f"--output-dir '{folder}' is a file, not a folder: give a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / f"{LOCK_FILE}.{os.getpid()}.probe", "wb") as probe:
+            probe.write(b"ok")
+        os.remove(probe.name)
+    except OSError as exc:
+        raise Img2GPTError(f"cannot write to --output-dir '{folder}' ({exc.strerror or exc}): choose a writable "
+                           "folder") from None
+    return folder
+
+
+def afresh_without_last(folder, existing, main):
+    """--resume auto in a folder without img2gpt_last.pth: a run that stopped before its first save (the first
+    SAVE_INTERVAL batches of a Colab session) left only its log, so the same command starts afresh, keeping
+    that log and appending to it. Returns the run files that still stand in the way: none, or refused here
+    when epoch checkpoints are there (the new run would write over them)."""
+    saved = [name for name in existing if name.endswith(".pth")]
+    if saved:
+        raise Img2GPTError(f"'{folder}' holds {', '.join(saved[:3])} but no img2gpt_last.pth to continue from: "
+                           "start over with --overwrite (deletes them), or give another --output-dir")
+    if main:
+        kept = (f" (the run in '{folder}' stopped before its first save: its training_log.jsonl is kept and "
+                "appended to)") if "training_log.jsonl" in existing else ""
+        print(f"--resume auto: no img2gpt_last.pth, starting afresh{kept}")
+    return []
 
 
 def claim_output_dir(cfg, held, main=True):
@@ -1634,17 +1844,7 @@ def claim_output_dir(cfg, held, main=True):
     deletes."""
     import fcntl
 
-    folder = Path(cfg.output_dir)
-    if folder.exists() and not folder.is_dir():
-        raise Img2GPTError(f"--output-dir '{folder}' is a file, not a folder: give a folder")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / f"{LOCK_FILE}.{os.getpid()}.probe", "wb") as probe:
-            probe.write(b"ok")  # a read-only file system or folder fails here, not at the first save
-        os.remove(probe.name)
-    except OSError as exc:
-        raise Img2GPTError(f"cannot write to --output-dir '{folder}' ({exc.strerror or exc}): choose a writable "
-                           "folder") from None
+    folder = require_writable_dir(cfg.output_dir)
     if main:
         lock = held.enter_context(open(folder / LOCK_FILE, "a+"))
         try:
@@ -1658,13 +1858,15 @@ def claim_output_dir(cfg, held, main=True):
         lock.write(str(os.getpid()))
         lock.flush()
     resume = cfg.resume_from
+    existing = sorted({p.name for pattern in RUN_FILES for p in folder.glob(pattern)})
     if resume == "auto":
         resume = str(folder / "img2gpt_last.pth") if (folder / "img2gpt_last.pth").is_file() else None
-        if main:
+        if resume is None and not cfg.overwrite:
+            existing = afresh_without_last(folder, existing, main)
+        elif main:
             print(f"--resume auto: {'continuing ' + resume if resume else 'no img2gpt_last.pth, starting afresh'}")
     if resume and cfg.overwrite:
         raise Img2GPTError("--overwrite starts afresh and --resume continues: give one of them")
-    existing = sorted({p.name for pattern in RUN_FILES for p in folder.glob(pattern)})
     if existing and not resume and main:
         if not cfg.overwrite:
             raise Img2GPTError(f"'{folder}' already holds a run ({', '.join(existing[:3])}"
@@ -1695,10 +1897,12 @@ def prepare_run(cfg, held):
     resume = load_checkpoint(resume_from) if resume_from else None  # fail fast on a bad path
     if resume and resume.get("training_state", {}).get("epoch", 0) > cfg.num_epochs:
         if state.is_main_process:
-            print(f"The run in '{output_dir}' is complete: all {cfg.num_epochs} epochs are trained "
-                  f"({output_dir / f'img2gpt_epoch_{cfg.num_epochs}.pth'}). Nothing to do.")
+            folder = Path(resume_from).parent  # the run's own folder: --resume may name another one's file
+            print(f"The run in '{folder}' is complete: all {cfg.num_epochs} epochs are trained "
+                  f"({folder / f'img2gpt_epoch_{cfg.num_epochs}.pth'}). Nothing to do.")
         return None
     model_config = check_resume(cfg, resume, state.num_processes) if resume else model_config_from(cfg)
+    check_context(model_config, cfg.max_caption_tokens, cfg.max_new_tokens, FLAG_ALIASES)
 
     with state.main_process_first():  # the main process downloads; the others then find the cached copy
         data = prepare_data(cfg, main=state.is_main_process)
@@ -1728,10 +1932,18 @@ def prepare_run(cfg, held):
         train_model=train_model, rank=state.process_index, world=state.num_processes, main=state.is_main_process,
         optimizer=optimizer, schedule=schedule, scheduler=make_scheduler(optimizer, schedule, cfg.learning_rate, 0),
         settings={name: value for name, value in vars(cfg).items() if isinstance(value, (bool, int, float, str))},
-        train_split=train_split,
+        train_split=train_split, run_id=run_id(resume),
         scaler=torch.amp.GradScaler(device.type, enabled=compute_dtype == torch.float16),
         samples=sample_set(captions, splits["val"], image_dir, processor, cfg.num_sample_images),
         batches_per_epoch=batches_per_epoch, total_steps=total_steps, log=None)
+
+
+def run_id(resume):
+    """The run's name in its checkpoints and evaluations: kept by a resume, new for a fresh run."""
+    import uuid
+
+    saved = (resume or {}).get("run_id") or (resume or {}).get("training_state", {}).get("run_id")
+    return saved or uuid.uuid4().hex[:12]
 
 
 def count_4bit_layers(model):
@@ -1858,7 +2070,7 @@ def train(run):
             run.log.write(type="epoch", epoch=epoch, train_loss=train_loss, val_loss=val_loss)
             path = run.output_dir / f"img2gpt_epoch_{epoch}.pth"
             save_checkpoint(path, run.model, run.model_config, {"epoch": epoch, "train_loss": train_loss,
-                                                                "val_loss": val_loss})
+                                                                "val_loss": val_loss, "run_id": run.run_id})
             save_last(run, epoch + 1, 0)  # after the epoch file: a resume never skips an epoch's end
             plot_losses(run.log.path, run.output_dir / "loss.png", run.batches_per_epoch)
             print(f"Saved {path} and {run.output_dir / 'loss.png'}")
@@ -1868,39 +2080,128 @@ def main(argv=None):
     cfg = parse_config(CONSTANTS, argv, FLAG_ALIASES, __doc__)
     check_settings(cfg, TRAINING_RULES, FLAG_ALIASES)
     if cfg.evaluate:
-        return evaluate_checkpoint(cfg)
-    with contextlib.ExitStack() as held:  # OUTPUT_DIR's lock, released however the run ends
-        run = prepare_run(cfg, held)
-        if run is None:  # already complete: said so
-            return
-        if run.main:
-            print_banner(run)
-        run.log = held.enter_context(contextlib.closing(
-            JsonlLog(run.output_dir / "training_log.jsonl", enabled=run.main)))
-        if run.left_out:
-            run.log.write(type="left_out", images=run.left_out)
         try:
+            return evaluate_checkpoint(cfg)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt("interrupted: no result was written; run the same command again to evaluate"
+                                    ) from None
+    run = None
+    try:
+        with contextlib.ExitStack() as held:  # OUTPUT_DIR's lock, released however the run ends
+            run = prepare_run(cfg, held)
+            if run is None:  # already complete: said so
+                return
+            if run.main:
+                print_banner(run)
+            run.log = held.enter_context(contextlib.closing(
+                JsonlLog(run.output_dir / "training_log.jsonl", enabled=run.main)))
+            if run.left_out:
+                run.log.write(type="left_out", images=run.left_out)
             train(run)
+            run.trained = True
             if cfg.eval_after_training and run.splits["test"] and run.main:
-                evaluate_on_test(run.model, run.tokenizer, run.processor, run.data, cfg,
-                                 f"img2gpt_epoch_{cfg.num_epochs}", run.output_dir)
-        except torch.cuda.OutOfMemoryError:
-            raise Img2GPTError(f"CUDA ran out of memory at BATCH_SIZE {cfg.batch_size}: start again with a "
-                               f"smaller --batch-size (e.g. {max(1, cfg.batch_size // 2)})") from None
+                evaluate_last_epoch(run)
+    except torch.cuda.OutOfMemoryError:
+        raise Img2GPTError(f"CUDA ran out of memory at BATCH_SIZE {cfg.batch_size}: start over with a smaller "
+                           f"--batch-size (e.g. {max(1, cfg.batch_size // 2)}) and --overwrite (a resume keeps the "
+                           "batch size it was saved with)") from None
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(interrupted_advice(cfg, run)) from None
     if run.world > 1:
         torch.distributed.barrier()  # the others wait for the main process's test-split evaluation
         torch.distributed.destroy_process_group()
 
 
-def run_cli(main, argv=None, on_interrupt="interrupted"):
-    """A script's main as a command: a problem the user can fix is one 'error: ...' line on stderr, exit 1."""
+def evaluate_last_epoch(run):
+    """The test-split scores of the run's last epoch file, written beside it (EVAL_AFTER_TRAINING)."""
+    name = f"img2gpt_epoch_{run.cfg.num_epochs}"
+    identity = checkpoint_identity(run.output_dir / f"{name}.pth", {"run_id": run.run_id})
+    path = evaluation_path(run.output_dir, name, identity)
+    evaluate_on_test(run.model, run.tokenizer, run.processor, run.data, run.cfg, name, path, identity)
+
+
+def interrupted_advice(cfg, run):
+    """The line a Ctrl+C during training ends with: what to run next, true for where the run stopped."""
+    folder = Path(cfg.output_dir)
+    if run is not None and getattr(run, "trained", False):
+        last = folder / f"img2gpt_epoch_{cfg.num_epochs}.pth"
+        return (f"interrupted during the test-split evaluation: every epoch is trained and saved; score the last "
+                f"one with --evaluate {last}")
+    instead = " instead of --overwrite" if cfg.overwrite else ""
+    if (folder / "img2gpt_last.pth").is_file():
+        return (f"interrupted: run the same command with --resume auto{instead} to continue from "
+                f"{folder / 'img2gpt_last.pth'}")
+    if (folder / "training_log.jsonl").is_file():
+        return (f"interrupted before the first save (every --save-interval batches): run the same command with "
+                f"--resume auto{instead} to start again")
+    return "interrupted: nothing was written"
+
+
+def run_cli(main, argv=None, on_interrupt="interrupted", keep_working=True):
+    """A script's main as a command: a problem the user can fix is one 'error: ...' line on stderr, exit 1; a
+    Ctrl+C is one line (the KeyboardInterrupt's own text when it carries one). Output into a pipe that closes
+    (| head) goes quiet: training goes on with its work (keep_working), captioning ends with exit 0."""
+    with output_that_may_close(keep_working):
+        try:
+            main(argv)
+        except Img2GPTError as error:
+            sys.exit(f"error: {error}")
+        except KeyboardInterrupt as interrupt:
+            sys.exit(interrupt.args[0] if interrupt.args and isinstance(interrupt.args[0], str) else on_interrupt)
+        except OutputClosed:
+            sys.exit(0)
+
+
+class OutputClosed(Exception):
+    """Standard output was closed by its reader (| head): nothing more can be shown."""
+
+
+class ClosableStream:
+    """sys.stdout or sys.stderr, made quiet when its reader goes away: the stream's file descriptor then points
+    to /dev/null (so nothing buffered fails later, at exit included), and a closed stdout raises OutputClosed
+    unless the work should go on without it."""
+
+    def __init__(self, stream, stop_when_closed):
+        self._stream, self._stop, self._closed = stream, stop_when_closed, False
+
+    def _gone(self):
+        if not self._closed:
+            self._closed = True
+            with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, self._stream.fileno())
+                os.close(devnull)
+        if self._stop:
+            raise OutputClosed
+
+    def write(self, text):
+        if not self._closed:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self._gone()
+        return len(text)
+
+    def flush(self):
+        if not self._closed:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._gone()
+
+    def __getattr__(self, name):  # isatty, fileno, encoding, ... of the stream itself
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def output_that_may_close(keep_working):
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = ClosableStream(sys.stdout, not keep_working), ClosableStream(sys.stderr, False)
     try:
-        main(argv)
-    except Img2GPTError as error:
-        sys.exit(f"error: {error}")
-    except KeyboardInterrupt:
-        sys.exit(on_interrupt)
+        yield
+    finally:
+        sys.stdout, sys.stderr = saved
 
 
 if __name__ == "__main__":
-    run_cli(main, on_interrupt="interrupted: continue with --resume OUTPUT_DIR/img2gpt_last.pth")
+    run_cli(main)

@@ -60,7 +60,8 @@ def test_karpathy_split_file_decides_the_test_images(checkpoint, flickr_dir, tmp
     split_file = tmp_path / "dataset_flickr30k.json"
     split_file.write_text(json.dumps({"images": [{"filename": n, "split": s, "sentences": []}
                                                  for n, s in assignment.items()]}))
-    splits = ts.karpathy_split(split_file, list(assignment)[:24])
+    splits, unknown = ts.karpathy_split(split_file, list(assignment)[:24])
+    assert unknown == {}
     assert splits["test"] == ["1003.jpg", "1007.jpg", "1011.jpg"] and splits["val"] == ["1001.jpg"]
     assert "1002.jpg" in splits["train"]  # restval trains
     ts.main(["--evaluate", str(checkpoint), "--data-dir", str(flickr_dir), "--device", "cpu", "--output-dir",

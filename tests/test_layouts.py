@@ -120,7 +120,7 @@ def test_karpathy_split_is_cached_and_restval_and_unlisted_images_train(tmp_path
     path = ts.fetch_karpathy_split("flickr30k")
     assert path == tmp_path / "cache" / "img2gpt" / "dataset_flickr30k.json"
     assert ts.fetch_karpathy_split("flickr30k") == path and len(karpathy_hub.calls) == 1
-    splits = ts.karpathy_split(path, names * 5, "flickr30k")
+    splits, _ = ts.karpathy_split(path, names * 5, "flickr30k")
     assert splits == {"train": names[4:], "val": names[:2], "test": names[2:4]}  # restval and 1007.jpg train
 
 
@@ -174,6 +174,6 @@ def test_own_images_named_like_flickr30k_keep_a_seeded_split(tmp_path, karpathy_
                                                     "flickr30k")
     captions = pd.DataFrame({"image_name": names, "caption": ["a picture"] * len(names)})
     cfg = ts.parse_config(ts.CONSTANTS, ["--karpathy-split-file", "auto"], ts.FLAG_ALIASES)
-    splits, name = ts.choose_split(cfg, captions)
+    splits, _, name = ts.choose_split(cfg, captions)
     assert name == "seeded (seed 42), none of Karpathy's flickr30k validation or test images are here"
     assert splits["val"] and splits["test"] and len(karpathy_hub.calls) == 1
