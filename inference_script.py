@@ -30,7 +30,7 @@ from training_script import (DECODING_RULES, IMAGE_ERRORS, Img2GPTError, at_leas
 # --- What to caption ------------------------------------------------------------------------------
 MODEL_WEIGHTS_PATH = "img2gpt_epoch_3.pth"  # checkpoint written by training_script.py
 IMAGE_URL = "http://images.cocodataset.org/val2017/000000039769.jpg"  # URL, image path, folder, or .txt of those
-REQUEST_TIMEOUT = 30  # seconds a download may take in all before it is given up
+REQUEST_TIMEOUT = 30.0  # seconds a download may take in all before it is given up
 MAX_IMAGE_BYTES = 20_000_000  # largest image download accepted, in bytes
 
 # --- Hardware and base models ---------------------------------------------------------------------
@@ -193,7 +193,8 @@ def download(url, timeout, max_bytes):
                 if response.status_code >= 400:
                     raise Img2GPTError(f"'{url}' answered HTTP {response.status_code} {response.reason}: "
                                        "check the URL")
-                if int(response.headers.get("Content-Length") or 0) > max_bytes:
+                declared = response.headers.get("Content-Length") or ""
+                if declared.strip().isdigit() and int(declared) > max_bytes:  # a malformed length: read and see
                     raise Img2GPTError(f"'{url}' is larger than {max_bytes:,} bytes (--max-image-bytes)")
                 body = bytearray()
                 for chunk in response.iter_content(chunk_size=1 << 16):

@@ -53,7 +53,7 @@ VIT_MODEL_NAME = "google/vit-base-patch16-224-in21k"  # vision encoder: hub name
 GPT2_MODEL_NAME = "gpt2"  # language model: hub name or local folder
 MAX_CAPTION_TOKENS = 40  # caption tokens trained on, EOS included; longer captions are cut
 LORA_R = 8  # LoRA rank, on the ViT attention (query, value) and GPT-2 c_attn
-LORA_ALPHA = 16  # LoRA scaling numerator (scale = alpha / r)
+LORA_ALPHA = 16.0  # LoRA scaling numerator (scale = alpha / r)
 LORA_DROPOUT = 0.05  # dropout on the LoRA input
 PREFIX_POOL_GRID = 0  # average-pool the patch tokens to a G x G grid (+ CLS) for a shorter, faster prefix; 0: all
 PROJECTOR = "linear"  # bridge from vision to LM: "linear" (the original design) or "mlp" (Linear-GELU-Linear)
@@ -425,7 +425,9 @@ def find_layout(data_dir):
 def locate_images(start, names, data_dir):
     """The folder the listed image names are relative to: `start` or a usual image folder beside it (Images/,
     images/, Kaggle Flickr30k's doubled folder), else wherever below data_dir the first listed image is."""
-    sample = [name for name in names[:50] if name]
+    # names that climb out (../, absolute) say nothing of where the image folder is: outside_data_dir drops them
+    sample = [name for name in names[:200]
+              if name and not Path(name).is_absolute() and ".." not in Path(name).parts][:50]
     candidates = [start / sub for sub in ("", "Images", "images", "flickr30k_images/flickr30k_images",
                                           "flickr30k_images")]
     hits = [(sum((folder / name).is_file() for name in sample), folder) for folder in candidates]
@@ -506,10 +508,11 @@ def metadata_records(path):
 
 
 def normalise_split(value):
-    """The split a row names ("train", "val" or "test", however spelled: SPLIT_NAMES), or the name as given
-    when it is none of them (counted and named by choose_split, never trained on)."""
-    text = str(value).strip()
-    return SPLIT_NAMES.get(text.lower(), text)
+    """The split a row names ("train", "val" or "test", however spelled: SPLIT_NAMES); None where it names
+    none (null, an empty cell: the row trains, in every reader); else the name as given (counted and named
+    by choose_split, never trained on)."""
+    text = value.strip() if isinstance(value, str) else None if value is None else json.dumps(value)
+    return SPLIT_NAMES.get(text.lower(), text) if text else None
 
 
 def read_imagefolder(path):
@@ -523,8 +526,7 @@ def read_imagefolder(path):
         if not isinstance(captions, list) or not isinstance(record.get("file_name"), str):
             bad += 1
             continue
-        split = record.get("split")
-        split = None if split is None else normalise_split(split)
+        split = normalise_split(record.get("split"))
         rows += [(record["file_name"].strip(), str(caption), split) for caption in captions]
     return rows, bad
 
@@ -537,8 +539,11 @@ def read_coco(path):
         annotations = content["annotations"]
     except (ValueError, KeyError, TypeError) as exc:
         raise Img2GPTError(f"'{path}' is not a readable COCO captions file ({type(exc).__name__})") from None
+    if not isinstance(annotations, list):
+        raise Img2GPTError(f"'{path}' is not a readable COCO captions file (its annotations are not a list)")
     rows = [(files[a["image_id"]], a["caption"]) for a in annotations
-            if isinstance(a, dict) and a.get("image_id") in files and isinstance(a.get("caption"), str)]
+            if isinstance(a, dict) and isinstance(a.get("image_id"), (int, str)) and a["image_id"] in files
+            and isinstance(a.get("caption"), str)]
     return rows, len(annotations) - len(rows)
 
 
@@ -548,11 +553,13 @@ def read_karpathy(path):
         images = read_json(path)["images"]
     except (ValueError, KeyError, TypeError) as exc:
         raise Img2GPTError(f"'{path}' is not a readable Karpathy split file ({type(exc).__name__})") from None
+    if not isinstance(images, list):
+        raise Img2GPTError(f"'{path}' is not a readable Karpathy split file (its images are not a list)")
     rows, bad = [], 0
     for image in images:
         try:
             name = "/".join(part for part in (image.get("filepath"), image["filename"]) if part)
-            rows += [(name, sentence["raw"], normalise_split(image["split"])) for sentence in image["sentences"]]
+            rows += [(name, sentence["raw"], normalise_split(image.get("split"))) for sentence in image["sentences"]]
         except (KeyError, TypeError, AttributeError):
             bad += 1
     return rows, bad
@@ -578,7 +585,8 @@ def load_captions(kind, files, data_dir):
             raise Img2GPTError(f"'{path}' holds no caption rows: it is empty or none of its rows can be read")
         folder = locate_images(path.parent, list(frame["image_name"]), data_dir)
         if kind == "coco":  # train2014/ and val2014/: names relative to DATA_DIR, so both fit one folder
-            frame["image_name"] = [(folder / name).relative_to(data_dir).as_posix() for name in frame["image_name"]]
+            frame["image_name"] = [Path(os.path.relpath(folder / name, data_dir)).as_posix()
+                                   for name in frame["image_name"]]
             folder = Path(data_dir)
         frames.append(frame)
     frame = pd.concat(frames, ignore_index=True)
@@ -586,7 +594,8 @@ def load_captions(kind, files, data_dir):
         frame = frame.drop(columns="split") if frame["split"].isna().all() else frame.fillna({"split": "train"})
     frame["caption"] = frame["caption"].map(clean_caption)
     frame["image_name"] = frame["image_name"].str.strip()
-    kept = frame[(frame["image_name"] != "") & (frame["caption"] != "")].drop_duplicates(["image_name", "caption"])
+    named = (frame["image_name"] != "") & ~frame["image_name"].str.contains("\x00", regex=False)  # no file has NUL
+    kept = frame[named & (frame["caption"] != "")].drop_duplicates(["image_name", "caption"])
     return kept.reset_index(drop=True), folder, bad + len(frame) - len(kept)
 
 
@@ -662,15 +671,24 @@ def karpathy_split(path, image_names, dataset=None):
     """(splits, {unknown split name: images}): Karpathy's train/val/test assignment (a dataset_*.json),
     restricted to the images at hand, so scores compare with published ones; 'restval' and images the file does
     not list train; an image it gives a split of no known name is left out (see group_by_split)."""
+    require_split_file(path)
     try:
         content = read_json(path)
         dataset = dataset or content.get("dataset")
-        assignment = {karpathy_key(image["filename"], dataset): normalise_split(image["split"])
+        assignment = {karpathy_key(image["filename"], dataset): normalise_split(image.get("split"))
                       for image in content["images"]}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise Img2GPTError(f"cannot read Karpathy split file '{path}' ({type(exc).__name__}): give a "
                            "dataset_*.json, or --karpathy-split-file none") from None
-    return group_by_split((name, assignment.get(karpathy_key(name, dataset), "train")) for name in set(image_names))
+    return group_by_split((name, assignment.get(karpathy_key(name, dataset)) or "train") for name in set(image_names))
+
+
+def require_split_file(path):
+    """A --karpathy-split-file must be a regular file: reading a named pipe would wait forever."""
+    if not Path(path).is_file():
+        what = "is not a regular file (a named pipe or a device)" if Path(path).exists() else "does not exist"
+        raise Img2GPTError(f"Karpathy split file '{path}' {what}: give a dataset_*.json, or --karpathy-split-file "
+                           "auto / none")
 
 
 def group_by_split(assigned):
@@ -770,24 +788,49 @@ def preprocess(processor, images):
 
 
 class CaptionDataset(torch.utils.data.Dataset):
-    """(pixel_values, caption) per caption row; an image that fails to decode yields None, dropped in collate."""
+    """Caption rows grouped by image: the rows of one image are consecutive and `groups` lists each image's row
+    indices. A batch (dataset[indices] through __getitems__) decodes each of its images once and gives
+    {pixel_values (images, 3, H, W), captions, image_index (which image each caption describes)}; an image that
+    fails to decode leaves its captions out, and a batch with none left is None."""
 
     def __init__(self, rows, image_dir, processor):
-        self.rows = list(rows)
+        by_image = {}
+        for name, caption in rows:
+            by_image.setdefault(name, []).append(caption)
+        self.rows = [(name, caption) for name, captions in by_image.items() for caption in captions]
+        self.groups, first = [], 0
+        for captions in by_image.values():
+            self.groups.append(list(range(first, first + len(captions))))
+            first += len(captions)
         self.image_dir = Path(image_dir)
         self.processor = processor
 
     def __len__(self):
         return len(self.rows)
 
-    def __getitem__(self, index):
-        name, caption = self.rows[index]
+    def pixels(self, name):
         try:
-            pixels = preprocess(self.processor, [load_image(self.image_dir / name)])[0]
+            return preprocess(self.processor, [load_image(self.image_dir / name)])[0]
         except IMAGE_ERRORS as exc:  # passed the up-front check (e.g. a JPEG cut short): left out here, by name
             print(f"Left out {name}: not a decodable image ({type(exc).__name__}: {exc})", file=sys.stderr)
             return None
-        return pixels, caption
+
+    def __getitem__(self, index):
+        name, caption = self.rows[index]
+        pixels = self.pixels(name)
+        return None if pixels is None else (pixels, caption)
+
+    def __getitems__(self, indices):
+        images = {}  # name -> pixels, in the order the batch first names each image
+        for name in dict.fromkeys(self.rows[i][0] for i in indices):
+            if (pixels := self.pixels(name)) is not None:
+                images[name] = pixels
+        kept = [i for i in indices if self.rows[i][0] in images]
+        if not kept:
+            return None
+        position = {name: k for k, name in enumerate(images)}
+        return {"pixel_values": torch.stack(list(images.values())), "captions": [self.rows[i][1] for i in kept],
+                "image_index": torch.tensor([position[self.rows[i][0]] for i in kept])}
 
 
 def tokenize_captions(tokenizer, captions, max_tokens):
@@ -800,12 +843,12 @@ def tokenize_captions(tokenizer, captions, max_tokens):
     return dict(batch)
 
 
-def collate_batch(items, tokenizer, max_tokens):
-    items = [item for item in items if item is not None]
-    if not items:
+def collate_batch(batch, tokenizer, max_tokens):
+    """The model's inputs for a batch from CaptionDataset.__getitems__ (None stays None)."""
+    if batch is None:
         return None
-    pixels, captions = zip(*items)
-    return {"pixel_values": torch.stack(pixels), **tokenize_captions(tokenizer, list(captions), max_tokens)}
+    return {"pixel_values": batch["pixel_values"], "image_index": batch["image_index"],
+            **tokenize_captions(tokenizer, batch["captions"], max_tokens)}
 
 
 def make_datasets(captions, splits, image_dir, processor):
@@ -820,12 +863,17 @@ def make_datasets(captions, splits, image_dir, processor):
 class EpochBatchSampler(torch.utils.data.Sampler):
     """This process's batches of one epoch, in an order fixed by (seed, epoch), from its batch `start` on: a
     resumed run sees exactly the batches the interrupted one had not, without decoding the ones it skips.
-    With several processes (data parallel), process `rank` of `world` takes every world-th batch, and all take
-    the same number of them (DDP steps in lockstep), so a last incomplete round is left out."""
+    `groups` are the row indices of each image (an int n: n images of one row each). The images are shuffled
+    and their rows, kept together, cut into batches of batch_size rows: each batch holds whole images, but for
+    the first and last, whose other rows may fall in the batch before or after it. Every row is trained once
+    per epoch. With several processes (data parallel), process `rank` of `world` takes every world-th batch, and
+    all take the same number of them (DDP steps in lockstep), so a last incomplete round is left out."""
 
-    def __init__(self, size, batch_size, seed, epoch, start=0, rank=0, world=1):
-        order = torch.randperm(size, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
-        batches = [order[first:first + batch_size] for first in range(0, size, batch_size)]
+    def __init__(self, groups, batch_size, seed, epoch, start=0, rank=0, world=1):
+        groups = [[i] for i in range(groups)] if isinstance(groups, int) else groups
+        shuffled = torch.randperm(len(groups), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        order = [row for image in shuffled.tolist() for row in groups[image]]
+        batches = [order[first:first + batch_size] for first in range(0, len(order), batch_size)]
         self.batches = batches[rank::world][:len(batches) // world][start:]
 
     def __len__(self):
@@ -842,7 +890,7 @@ def make_loader(dataset, tokenizer, cfg, epoch=None, start=0, rank=0, world=1):
         everything = torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(dataset), cfg.batch_size, False)
         sampler = list(everything)[rank::world]
     else:
-        sampler = EpochBatchSampler(len(dataset), cfg.batch_size, cfg.seed, epoch, start, rank, world)
+        sampler = EpochBatchSampler(dataset.groups, cfg.batch_size, cfg.seed, epoch, start, rank, world)
     # Its own generator: the loader's worker seed is drawn from it, not from the global RNG that dropout uses,
     # so a resumed run's dropout masks continue exactly where the saved RNG state left them.
     return torch.utils.data.DataLoader(
@@ -869,7 +917,13 @@ class Img2GPT(nn.Module):
         prefix = self.projection(hidden.to(next(self.projection.parameters()).dtype))  # (B, P, lm_hidden)
         return prefix.to(self.lm.get_input_embeddings().weight.dtype)
 
-    def forward(self, pixel_values, input_ids, attention_mask, labels=None):
+    def forward(self, pixel_values, input_ids, attention_mask, labels=None, image_index=None):
+        """The LM's output for captions of images. image_index None: one image per caption, each read as
+        [prefix, caption] (the plain computation). image_index given (which of the images each caption
+        describes): shared_prefix_loss, the same loss with each image encoded and its prefix read once."""
+        if image_index is not None:
+            return shared_prefix_loss(self, self.prefix(pixel_values), input_ids, attention_mask, labels,
+                                      image_index)
         prefix = self.prefix(pixel_values)
         batch, length = prefix.shape[:2]
         embeds = torch.cat([prefix, self.lm.get_input_embeddings()(input_ids)], dim=1)
@@ -877,6 +931,69 @@ class Img2GPT(nn.Module):
         if labels is not None:  # GPT2LMHeadModel shifts labels itself; prefix positions are never targets
             labels = torch.cat([labels.new_full((batch, length), -100), labels], dim=1)
         return self.lm(inputs_embeds=embeds, attention_mask=mask, labels=labels)
+
+
+def shared_prefix_layout(lengths, image_index, images, prefix_length):
+    """Where each caption token goes when every image is one sequence [prefix, caption 1, caption 2, ...]:
+    (rows, columns) of each real token in the packed (images, length) sequences, in the captions' row order;
+    position_ids (images, length) that restart after the prefix for each caption, so every caption sees the
+    positions it would alone; segment (images, length): -1 on the prefix, the caption's number on its tokens,
+    -2 on padding; and the column each token is predicted from (the one before it, the prefix's last for a
+    caption's first token)."""
+    P = prefix_length
+    ends = [P] * images
+    rows, columns, sources, positions = [], [], [], []
+    for caption, (length, image) in enumerate(zip(lengths, image_index)):
+        start = ends[image]
+        rows += [image] * length
+        columns += range(start, start + length)
+        sources += [P - 1, *range(start, start + length - 1)]
+        positions += range(P, P + length)
+        ends[image] += length
+    total = max(ends)
+    position_ids = torch.zeros(images, total, dtype=torch.long)
+    position_ids[:, :P] = torch.arange(P)
+    segment = torch.full((images, total), -2, dtype=torch.long)
+    segment[:, :P] = -1
+    rows, columns = torch.tensor(rows, dtype=torch.long), torch.tensor(columns, dtype=torch.long)
+    position_ids[rows, columns] = torch.tensor(positions, dtype=torch.long)
+    caption_of_token = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    segment[rows, columns] = caption_of_token
+    return rows, columns, torch.tensor(sources, dtype=torch.long), position_ids, segment
+
+
+def shared_prefix_loss(model, prefix, input_ids, attention_mask, labels, image_index):
+    """Mean token cross-entropy of the captions, each image's prefix computed once and read once by the LM:
+    the captions of an image follow its prefix in one sequence, and a block mask lets each token see the
+    prefix and the earlier tokens of its own caption only, at the positions it would have alone. So the loss
+    and gradients are those of one [prefix, caption] row per caption (tests/test_shared_prefix.py), in eval
+    and train mode, with gradient checkpointing too: nothing depends on a key/value cache, which transformers
+    drops under checkpointing in training."""
+    device, (images, P, width) = prefix.device, prefix.shape
+    lengths = attention_mask.sum(dim=1).tolist()
+    rows, columns, sources, position_ids, segment = (
+        t.to(device) for t in shared_prefix_layout(lengths, image_index.tolist(), images, P))
+    valid = attention_mask.bool()
+    tokens = model.lm.get_input_embeddings()(input_ids)[valid]  # (caption tokens, width), in row order
+    padding = prefix.new_zeros(images, position_ids.shape[1] - P, width)
+    embeds = torch.cat([prefix, padding], dim=1).index_put((rows, columns), tokens.to(prefix.dtype))
+    # Query q may read key k when k <= q and k is in the prefix or in q's own caption. Padding reads the prefix
+    # only, so no row of the mask is empty.
+    query, key = segment.unsqueeze(2), segment.unsqueeze(1)
+    causal = torch.ones(segment.shape[1], segment.shape[1], dtype=torch.bool, device=device).tril()
+    allowed = causal & ((key == -1) | (key == query))
+    if getattr(model.lm.config, "_attn_implementation", "sdpa") == "eager":  # eager adds the mask to the scores
+        mask = torch.zeros(allowed.shape, dtype=embeds.dtype, device=device).masked_fill(
+            ~allowed, torch.finfo(embeds.dtype).min)
+    else:
+        mask = allowed
+    core = model.lm.get_base_model() if hasattr(model.lm, "get_base_model") else model.lm
+    hidden = core.base_model(inputs_embeds=embeds, attention_mask=mask.unsqueeze(1), position_ids=position_ids,
+                             use_cache=False).last_hidden_state
+    logits = core.get_output_embeddings()(hidden[rows, sources])  # only where a caption token is predicted
+    targets = (labels if labels is not None else input_ids)[valid]
+    loss = nn.functional.cross_entropy(logits.float(), targets, ignore_index=-100)
+    return types.SimpleNamespace(loss=loss, logits=logits)
 
 
 def pool_patches(hidden, grid):
@@ -1095,17 +1212,31 @@ def decoding_settings(cfg):
 @torch.inference_mode()
 def generate_captions(model, tokenizer, pixel_values, max_new_tokens, num_beams=1, no_repeat_ngram_size=0,
                       repetition_penalty=1.0, min_new_tokens=0):
-    """Captions for a batch of images: prefix in, new tokens out (KV cache, stops at EOS)."""
+    """Captions for a batch of images: prefix in, new tokens out (KV cache, stops at EOS). With beams, each
+    image's prefix is read once (prefilled_cache), not once per beam."""
     was_training = model.training
     model.eval()
     prefix = model.prefix(pixel_values)
     mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
+    cache = prefilled_cache(model.lm, prefix, mask, num_beams) if num_beams > 1 and prefix.shape[1] > 1 else {}
     tokens = model.lm.generate(inputs_embeds=prefix, attention_mask=mask, max_new_tokens=max_new_tokens,
                                min_new_tokens=min_new_tokens, num_beams=num_beams, do_sample=False,
                                no_repeat_ngram_size=no_repeat_ngram_size, repetition_penalty=repetition_penalty,
-                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **cache)
     model.train(was_training)
     return [text.strip() for text in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+
+
+def prefilled_cache(lm, prefix, mask, beams):
+    """generate()'s cache keyword with every prefix token but the last already read, once per image, then
+    copied for each beam: generate() repeats its inputs per beam and would read the whole prefix `beams`
+    times; given a cache it reads only what the cache lacks (the last prefix token, per beam). The same
+    captions, tested."""
+    out = lm(inputs_embeds=prefix[:, :-1], attention_mask=mask[:, :-1], use_cache=True, logits_to_keep=1)
+    cache = out.get("cache", out.get("past_key_values"))  # transformers 5.24 renamed past_key_values to cache
+    cache.batch_repeat_interleave(beams)  # generate() orders beams image by image
+    core = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    return {"cache" if "cache" in inspect.signature(core.forward).parameters else "past_key_values": cache}
 
 
 def merge_lora(model):
@@ -1210,7 +1341,8 @@ def write_atomically(path, write):
 
 
 DIVERGED = ("training diverged{where}: lower --learning-rate and --resume auto (it continues from img2gpt_last.pth, "
-            "the last save before it, or starts afresh when there was none), or start over with --overwrite")
+            "the last save before it, or starts afresh when there was none); if it diverges again from there, that "
+            "save already holds the damage: start over with --overwrite and a lower --learning-rate")
 
 
 def non_finite_parts(weights):
@@ -1242,6 +1374,8 @@ def load_checkpoint(path):
         raise Img2GPTError(f"checkpoint '{path}' not found: give the path of an img2gpt_epoch_N.pth file")
     if path.is_dir():
         raise Img2GPTError(f"checkpoint '{path}' is a folder: give the path of an img2gpt_epoch_N.pth file in it")
+    if not path.is_file():  # reading a named pipe or a device would wait forever
+        raise Img2GPTError(f"checkpoint '{path}' is not a regular file (a named pipe or a device): give an .pth file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except PermissionError:
@@ -1438,7 +1572,7 @@ def checkpoint_identity(path, state):
             "run": state.get("run_id") or state.get("training_state", {}).get("run_id")}
 
 
-def evaluation_path(output_dir, checkpoint_name, identity):
+def evaluation_path(output_dir, checkpoint_name, identity, say=print):
     """OUTPUT_DIR/eval_<checkpoint>.json, unless that file holds the result of another checkpoint file (another
     run's img2gpt_epoch_1.pth, say): then eval_<checkpoint>_<first 8 of its SHA-256>.json, so no result is ever
     replaced by another checkpoint's. The same checkpoint scored again replaces its own result."""
@@ -1449,7 +1583,7 @@ def evaluation_path(output_dir, checkpoint_name, identity):
         earlier = ""
     if path.exists() and earlier != identity["checkpoint_sha256"]:
         apart = path.with_name(f"eval_{checkpoint_name}_{identity['checkpoint_sha256'][:8]}.json")
-        print(f"'{path}' holds the result of another checkpoint file: it is kept, and this one goes to '{apart}'")
+        say(f"'{path}' holds the result of another checkpoint file: it is kept, and this one goes to '{apart}'")
         return apart
     return path
 
@@ -1497,6 +1631,8 @@ def evaluate_on_test(model, tokenizer, processor, data, cfg, checkpoint_name, pa
     report = {**scores, "checkpoint": checkpoint_name, **identity, "split": data.split_name,
               "test_images": len(names), "decoding": decoding, "notes": notes,
               "captions": [{"image": n, "generated": predictions[n], "references": references[n]} for n in names]}
+    if Path(path).name == f"eval_{checkpoint_name}.json":  # another evaluation may have written it meanwhile
+        path = evaluation_path(Path(path).parent, checkpoint_name, identity, say=lambda _: None)
     write_atomically(path, lambda file: file.write(json.dumps(report, indent=2).encode("utf-8")))
     print(f"\nWrote {path}")
     return scores
@@ -1562,21 +1698,27 @@ def sample_captions(run, epoch, step):
                   samples=[{"image": n, "generated": c, "reference": r} for n, c, r in pairs])
 
 
-def training_state(run, epoch, step, loss_sum, loss_count):
+def new_tally():
+    """What an epoch adds up as it goes: its applied losses, caption rows trained and seconds of training."""
+    return {"loss_sum": 0.0, "loss_count": 0, "captions": 0, "seconds": 0.0}
+
+
+def training_state(run, epoch, step, tally):
     """Everything besides the weights that a resumed run needs, as plain types and tensors."""
     return {"epoch": epoch, "step": step, "batch_size": run.cfg.batch_size, "seed": run.cfg.seed,
             "processes": run.world, "settings": run.settings, "train_split": run.train_split,
-            "loss_sum": loss_sum, "loss_count": loss_count, "optimizer": run.optimizer.state_dict(),
+            **tally, "optimizer": run.optimizer.state_dict(),
             "schedule": run.schedule, "scaler": run.scaler.state_dict(),
             "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
 
 
-def save_last(run, epoch, step, loss_sum=0.0, loss_count=0):
+def save_last(run, epoch, step, tally=None):
     """OUTPUT_DIR/img2gpt_last.pth: weights plus training state after `step` batches of `epoch`."""
     if run.main:
         save_checkpoint(run.output_dir / "img2gpt_last.pth", run.model, run.model_config,
-                        {"training_state": training_state(run, epoch, step, loss_sum, loss_count), "run_id": run.run_id})
+                        {"training_state": training_state(run, epoch, step, tally or new_tally()),
+                         "run_id": run.run_id})
 
 
 def linear_schedule(warmup, total):
@@ -1666,7 +1808,7 @@ def resume_changes(cfg, state):
 
 def restore_training_state(run, state):
     """Put weights, optimizer, GradScaler and RNG back as saved and the schedule at the batch reached, with a
-    changed --learning-rate or --epochs in force from there; returns (epoch, step, loss_sum, loss_count)."""
+    changed --learning-rate or --epochs in force from there; returns (epoch, step, the epoch's tally so far)."""
     train = state["training_state"]
     load_trained_weights(run.model, state["weights"])
     run.optimizer.load_state_dict(train["optimizer"])
@@ -1681,20 +1823,26 @@ def restore_training_state(run, state):
     torch.set_rng_state(train["rng"]["torch"])
     if train["rng"]["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(train["rng"]["cuda"])
-    return train["epoch"], train["step"], train["loss_sum"], train["loss_count"]
+    return train["epoch"], train["step"], {key: train.get(key, zero) for key, zero in new_tally().items()}
 
 
-def train_one_epoch(run, epoch, start_step=0, loss_sum=0.0, loss_count=0):
-    """Batches start_step+1.. of `epoch`; returns the mean loss over the whole epoch's applied batches.
-    A non-finite loss is not applied; MAX_BAD_BATCHES of them in a row stop training."""
+def train_one_epoch(run, epoch, start_step=0, tally=None):
+    """Batches start_step+1.. of `epoch`; returns the epoch's tally (new_tally) with this process's applied
+    losses, caption rows and seconds (the wall time of the training batches: loading, forward, backward and
+    optimizer, not sample captions or saves) added. A non-finite loss is not applied; MAX_BAD_BATCHES of them
+    in a row stop training."""
+    import time
+
     from tqdm.auto import tqdm
 
     cfg, model, optimizer = run.cfg, run.train_model, run.optimizer
+    tally = tally or new_tally()
     loader = make_loader(run.datasets["train"], run.tokenizer, cfg, epoch, start_step, run.rank, run.world)
     model.train()
     bad_in_row = 0
     bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.num_epochs}", initial=start_step,
                total=start_step + len(loader), dynamic_ncols=True, disable=not run.main)
+    started = time.perf_counter()  # the clock runs while the loader fetches the next batch
     for step, batch in enumerate(bar, start_step + 1):
         if batch is not None:  # None: every image of the batch failed to decode
             batch = {key: value.to(run.device, non_blocking=True) for key, value in batch.items()}
@@ -1707,8 +1855,11 @@ def train_one_epoch(run, epoch, start_step=0, loss_sum=0.0, loss_count=0):
                 torch.nn.utils.clip_grad_norm_(run.trainable, 1.0)
                 run.scaler.step(optimizer)
                 run.scaler.update()
-                bad_in_row, loss_sum, loss_count = 0, loss_sum + value, loss_count + 1
-                bar.set_postfix(loss=f"{value:.4f}")
+                bad_in_row = 0
+                tally["loss_sum"], tally["loss_count"] = tally["loss_sum"] + value, tally["loss_count"] + 1
+                tally["captions"] += len(batch["input_ids"])
+                elapsed = tally["seconds"] + time.perf_counter() - started
+                bar.set_postfix({"loss": f"{value:.4f}", "captions/s": f"{tally['captions'] / elapsed:.1f}"})
                 run.log.write(type="batch", epoch=epoch, step=step, loss=value, lr=optimizer.param_groups[0]["lr"])
             else:
                 bad_in_row += 1
@@ -1720,11 +1871,13 @@ def train_one_epoch(run, epoch, start_step=0, loss_sum=0.0, loss_count=0):
                                        + DIVERGED.format(where=""))
             optimizer.zero_grad(set_to_none=True)
         run.scheduler.step()  # the schedule follows batches, applied or not, so resumed runs line up
+        tally["seconds"] += time.perf_counter() - started
         if cfg.eval_interval > 0 and step % cfg.eval_interval == 0 and run.samples and run.main:
             sample_captions(run, epoch, step)
         if cfg.save_interval > 0 and step % cfg.save_interval == 0 and bad_in_row == 0:
-            save_last(run, epoch, step, loss_sum, loss_count)
-    return loss_sum / loss_count if loss_count else float("nan")
+            save_last(run, epoch, step, tally)
+        started = time.perf_counter()
+    return tally
 
 
 def mean_over_processes(value, world):
@@ -1775,6 +1928,8 @@ def sample_set(captions, names, image_dir, processor, count):
 def prepare_data(cfg, main=True):
     """Captions of the usable images, their folder, and the split (Karpathy's when its file is given).
     Only the main process of a data-parallel run reports."""
+    if cfg.karpathy_split_file not in ("auto", "none"):
+        require_split_file(cfg.karpathy_split_file)  # before minutes of reading and checking images
     data_dir = Path(cfg.data_dir or download_dataset(cfg.kaggle_dataset))
     kind, files = find_layout(data_dir)
     captions, image_dir, skipped = load_captions(kind, files, data_dir)
@@ -1859,6 +2014,10 @@ def claim_output_dir(cfg, held, main=True):
         lock.flush()
     resume = cfg.resume_from
     existing = sorted({p.name for pattern in RUN_FILES for p in folder.glob(pattern)})
+    odd = [name for name in existing if not (folder / name).is_file() or (folder / name).is_symlink()]
+    if odd:  # a folder or a link named like a run's file: --overwrite must not fail, or delete what it points to
+        raise Img2GPTError(f"'{folder / odd[0]}' is not a regular file, where a run keeps its {odd[0]}: move it out "
+                           "of --output-dir, or give another --output-dir")
     if resume == "auto":
         resume = str(folder / "img2gpt_last.pth") if (folder / "img2gpt_last.pth").is_file() else None
         if resume is None and not cfg.overwrite:
@@ -1872,10 +2031,17 @@ def claim_output_dir(cfg, held, main=True):
             raise Img2GPTError(f"'{folder}' already holds a run ({', '.join(existing[:3])}"
                                f"{', ...' if len(existing) > 3 else ''}): continue it with --resume auto, or start "
                                "over with --overwrite (deletes its checkpoints, log and plot)")
-        for name in existing:
-            (folder / name).unlink()
-        print(f"--overwrite: deleted {len(existing)} file(s) of the previous run in '{folder}'")
-    return folder, resume
+        return folder, resume, existing  # deleted by prepare_run once the data and the models are ready
+    return folder, resume, []
+
+
+def delete_previous_run(folder, names):
+    """--overwrite: the previous run's files go only when the new run has its data and models, so a mistyped
+    --data-dir or model name never costs the old run."""
+    for name in names:
+        (folder / name).unlink(missing_ok=True)
+    if names:
+        print(f"--overwrite: deleted {len(names)} file(s) of the previous run in '{folder}'")
 
 
 def prepare_run(cfg, held):
@@ -1892,7 +2058,7 @@ def prepare_run(cfg, held):
     quantize, compute_dtype = choose_precision(device, cfg.quantize)
     if quantize:  # before the data and the models: minutes earlier than build_model would say it
         require_4bit_support(device)
-    output_dir, resume_from = claim_output_dir(cfg, held, main=state.is_main_process)
+    output_dir, resume_from, previous_run = claim_output_dir(cfg, held, main=state.is_main_process)
     cfg.resume_from = resume_from  # "auto" resolved: the path, or None for a fresh run
     resume = load_checkpoint(resume_from) if resume_from else None  # fail fast on a bad path
     if resume and resume.get("training_state", {}).get("epoch", 0) > cfg.num_epochs:
@@ -1914,10 +2080,11 @@ def prepare_run(cfg, held):
         check_resume_split(resume, train_split)
 
     model, tokenizer, processor, model_config = build_model(model_config, device, quantize=cfg.quantize)
+    delete_previous_run(output_dir, previous_run)
     datasets = make_datasets(captions, splits, image_dir, processor)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate)
-    batches_per_epoch = len(EpochBatchSampler(len(datasets["train"]), cfg.batch_size, cfg.seed, 1,
+    batches_per_epoch = len(EpochBatchSampler(datasets["train"].groups, cfg.batch_size, cfg.seed, 1,
                                               world=state.num_processes))
     train_model = model
     if state.num_processes > 1:  # gradients averaged across processes at each backward
@@ -2031,10 +2198,10 @@ def print_resume_changes(run, changes, epoch, step):
 
 def train(run):
     """The epochs, from the start or from where a resumed checkpoint stopped."""
-    epoch, step, loss_sum, loss_count = 1, 0, 0.0, 0
+    epoch, step, tally = 1, 0, new_tally()
     changes = {}
     if run.resume:
-        epoch, step, loss_sum, loss_count = restore_training_state(run, run.resume)
+        epoch, step, tally = restore_training_state(run, run.resume)
         changes = resume_changes(run.cfg, run.resume)
         if run.main:
             print(f"Resuming from '{run.cfg.resume_from}': epoch {epoch}, after batch {step}")
@@ -2043,7 +2210,7 @@ def train(run):
                 print(f"Note: this run was trained with --quantize {was} and goes on with --quantize {now}")
             print_resume_changes(run, changes, epoch, step)
     # Which rows each process's first batch holds: the record that data-parallel processes got their own share.
-    first = next(iter(EpochBatchSampler(len(run.datasets["train"]), run.cfg.batch_size, run.cfg.seed, epoch, step,
+    first = next(iter(EpochBatchSampler(run.datasets["train"].groups, run.cfg.batch_size, run.cfg.seed, epoch, step,
                                         run.rank, run.world)), [])
     first_batches = [first]
     if run.world > 1:
@@ -2056,9 +2223,15 @@ def train(run):
                   layout=run.data.layout, split=run.data.split_name,
                   quantize="4bit" if run.quantize else "none", linear4bit_layers=count_4bit_layers(run.model))
     for epoch in range(epoch, run.cfg.num_epochs + 1):
-        train_loss = train_one_epoch(run, epoch, step, loss_sum, loss_count)
-        step, loss_sum, loss_count = 0, 0.0, 0
+        tally = train_one_epoch(run, epoch, step, tally)
+        step = 0
+        train_loss = tally["loss_sum"] / tally["loss_count"] if tally["loss_count"] else float("nan")
         train_loss = mean_over_processes(torch.tensor(train_loss, device=run.device), run.world).item()
+        # Caption rows of all processes; seconds of the main process (they step in lockstep).
+        captions = round(mean_over_processes(torch.tensor(float(tally["captions"]), device=run.device),
+                                             run.world).item() * run.world)
+        speed = {"captions": captions, "seconds": round(tally["seconds"], 3)}
+        tally = new_tally()
         val_loss = evaluate(run)
         if not math.isfinite(train_loss) or (val_loss is not None and not math.isfinite(val_loss)):
             run.log.write(type="epoch", epoch=epoch, train_loss=train_loss, val_loss=val_loss)
@@ -2066,8 +2239,10 @@ def train(run):
                                                      f"{val_loss})"))
         if run.main:
             val_text = f"{val_loss:.4f}" if val_loss is not None else "n/a (no validation images)"
-            print(f"Epoch {epoch}: average train loss {train_loss:.4f}, validation loss {val_text}")
-            run.log.write(type="epoch", epoch=epoch, train_loss=train_loss, val_loss=val_loss)
+            print(f"Epoch {epoch}: average train loss {train_loss:.4f}, validation loss {val_text} "
+                  f"({speed['captions']:,} captions in {speed['seconds']:.0f} s, "
+                  f"{speed['captions'] / max(speed['seconds'], 1e-9):.1f} captions/s)")
+            run.log.write(type="epoch", epoch=epoch, train_loss=train_loss, val_loss=val_loss, **speed)
             path = run.output_dir / f"img2gpt_epoch_{epoch}.pth"
             save_checkpoint(path, run.model, run.model_config, {"epoch": epoch, "train_loss": train_loss,
                                                                 "val_loss": val_loss, "run_id": run.run_id})
@@ -2128,6 +2303,10 @@ def interrupted_advice(cfg, run):
         return (f"interrupted during the test-split evaluation: every epoch is trained and saved; score the last "
                 f"one with --evaluate {last}")
     instead = " instead of --overwrite" if cfg.overwrite else ""
+    resumed = run is not None and cfg.resume_from and Path(cfg.resume_from).parent.resolve() != folder.resolve()
+    if resumed and not (folder / "img2gpt_last.pth").is_file():  # continuing another folder's run: not saved here
+        return f"interrupted before the first save in '{folder}': run the same command again to continue from " \
+               f"{cfg.resume_from}"
     if (folder / "img2gpt_last.pth").is_file():
         return (f"interrupted: run the same command with --resume auto{instead} to continue from "
                 f"{folder / 'img2gpt_last.pth'}")

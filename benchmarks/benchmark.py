@@ -35,6 +35,9 @@ NEW_TOKENS = 20
 REPEATS = 5
 POOLED_GRID = 4  # the PREFIX_POOL_GRID option measured beside the default: 1 + 16 prefix tokens instead of 197
 QLORA_REPEATS = 3  # repeats of each QLoRA measurement (a full-size training step takes several seconds here)
+CAPTIONS_PER_IMAGE = 5  # Flickr30k's and COCO's: the training rows below step on 2 images x 5 captions
+STEP_IMAGES = 2
+CAPTION_TOKENS = 16  # tokens of each training caption, EOS included
 
 
 def median_time(function, repeats):
@@ -116,10 +119,6 @@ def floor_time(model, pixels, repeats):
     return median_time(run, repeats)
 
 
-def stack_pixels(items):
-    return torch.stack([pixels for pixels, _ in items])
-
-
 def data_pipeline(image_size, count, repeats):
     """(images/s through the training loader: decode, RGB, preprocess with NUM_WORKERS workers;
     images/s of JPEG decoding alone in one process)."""
@@ -132,7 +131,7 @@ def data_pipeline(image_size, count, repeats):
     processor = ViTImageProcessor(size={"height": image_size, "width": image_size})
     dataset = ts.CaptionDataset([(f"{i}.jpg", "") for i in range(count)], folder, processor)
     loader = torch.utils.data.DataLoader(dataset, batch_size=16, num_workers=ts.NUM_WORKERS,
-                                         collate_fn=stack_pixels)
+                                         collate_fn=lambda batch: batch["pixel_values"])  # as training decodes
     pipeline = median_time(lambda: list(loader), repeats)
 
     def decode_only():
@@ -342,9 +341,11 @@ def worker(task, quantize, checkpoint, repeats, compute_dtype):
     print(json.dumps({"value": value, "peak_mb": peak_memory_mb(), "parameters_mb": parameters_mb}))
 
 
-def measure_in_process(task, quantize, checkpoint, repeats, compute_dtype):
+def measure_in_process(task, quantize, checkpoint, repeats, compute_dtype, mode="shared",
+                       per_image=CAPTIONS_PER_IMAGE):
     command = [sys.executable, __file__, "--worker", task, "--quantize", quantize, "--checkpoint", str(checkpoint),
-               "--repeats", str(repeats), "--compute-dtype", compute_dtype]
+               "--repeats", str(repeats), "--compute-dtype", compute_dtype, "--mode", mode, "--per-image",
+               str(per_image)]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(f"benchmark worker {command[2:]} failed:\n{result.stderr[-3000:]}")
@@ -381,10 +382,99 @@ def qlora_rows(vit_config, gpt2_config, repeats):
     ]
 
 
+def training_peer(folder, quantize, compute_dtype):
+    """The VisionEncoderDecoder peer as such repos train it: loaded like Img2GPT (4-bit NF4 through
+    bitsandbytes, or fp32), with the same LoRA (rank, alpha, dropout; ViT query/value, GPT-2 c_attn)."""
+    from peft import prepare_model_for_kbit_training
+    from transformers import VisionEncoderDecoderModel
+
+    if quantize == "4bit":
+        peer = VisionEncoderDecoderModel.from_pretrained(
+            folder / "peer", quantization_config=ts.quantization_config(compute_dtype), device_map={"": "cpu"})
+        peer.encoder.pooler = None  # VED rebuilds ViT's unused pooler, absent from the file: never quantized
+        prepare_model_for_kbit_training(peer, use_gradient_checkpointing=True,
+                                        gradient_checkpointing_kwargs={"use_reentrant": False})
+        ts.allow_cpu_weight_packing(peer, False)  # as for Img2GPT: the packed CPU kernel has no backward
+    else:
+        peer = VisionEncoderDecoderModel.from_pretrained(folder / "peer", dtype=torch.float32).requires_grad_(False)
+    return ts.apply_lora(peer, ts.find_lora_targets(peer), ts.LORA_R, ts.LORA_ALPHA, ts.LORA_DROPOUT)
+
+
+def caption_training_rate(mode, quantize, folder, repeats, compute_dtype, per_image):
+    """Caption rows/s of LoRA training steps (forward, backward, AdamW) on STEP_IMAGES x per_image captions,
+    and the peak resident memory of those steps. mode "shared": Img2GPT now (each image encoded once, its
+    captions reading one prefix); "rows": the one-row-per-caption computation it replaced (each caption its
+    own [prefix, caption] row); "peer": the VisionEncoderDecoder peer, one (image, caption) pair per row."""
+    ts.cpu_has_native_bf16 = lambda: compute_dtype == "bfloat16"
+    cpu, dtype = torch.device("cpu"), getattr(torch, compute_dtype)
+    images = STEP_IMAGES if per_image > 1 else 10  # one caption each: a batch of 10 rows all the same
+    if mode == "peer":
+        model = training_peer(Path(folder), quantize, dtype)
+        size = model.config.encoder.image_size
+    else:
+        model, _, _, _ = ts.build_model(ts.load_checkpoint(Path(folder) / "img2gpt.pth")["config"], cpu,
+                                        quantize=quantize)
+        size = model.vision.config.image_size
+    torch.manual_seed(0)
+    pixels = torch.rand(images, 3, size, size)
+    image_index = torch.arange(images).repeat_interleave(per_image)
+    ids = torch.randint(1, 100, (len(image_index), CAPTION_TOKENS))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    if mode == "shared":
+        inputs.update(pixel_values=pixels, image_index=image_index)
+    elif mode == "rows":
+        inputs.update(pixel_values=pixels[image_index])
+    else:
+        inputs = {"pixel_values": pixels[image_index], "labels": ids, "decoder_attention_mask": torch.ones_like(ids)}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model.train()
+    reset_peak_memory()
+
+    def step():
+        model(**inputs).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return {"value": len(image_index) / median_time(step, repeats), "peak_mb": peak_memory_mb()}
+
+
+def caption_training_rows(vit_config, gpt2_config, repeats):
+    """Training on 5 captions per image, each measurement in a process of its own: Img2GPT now, the
+    one-row-per-caption computation, the VisionEncoderDecoder peer; fp32 LoRA and 4-bit NF4 LoRA (this CPU's
+    compute dtype); and one caption per image, now against before."""
+    native = "bfloat16" if ts.cpu_has_native_bf16() else "float32"
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        save_base_models(vit_config, gpt2_config, folder)
+        build_peer(vit_config, gpt2_config).save_pretrained(Path(folder) / "peer")
+        for quantize, label in (("none", "fp32 LoRA"), ("4bit", f"4-bit NF4 LoRA, {native} compute")):
+            now, rows_, peer = (measure_in_process("captions", quantize, folder, repeats, native, mode)
+                                for mode in ("shared", "rows", "peer"))
+            batch = f"batch {STEP_IMAGES * CAPTIONS_PER_IMAGE} = {STEP_IMAGES} images x {CAPTIONS_PER_IMAGE}"
+            rows += [
+                (f"training captions/s, {batch}, {label}", f"{now['value']:.2f}",
+                 f"VisionEncoderDecoder peer, same LoRA: {peer['value']:.2f}", f"{now['value'] / peer['value']:.2f}x"),
+                (f"training captions/s, {batch}, {label}", f"{now['value']:.2f}",
+                 f"one row per caption (before): {rows_['value']:.2f}", f"{now['value'] / rows_['value']:.2f}x"),
+                (f"training peak memory (RSS), {batch}, {label}", f"{now['peak_mb']:.0f} MB",
+                 f"one row per caption: {rows_['peak_mb']:.0f} MB; peer: {peer['peak_mb']:.0f} MB",
+                 f"{now['peak_mb'] / rows_['peak_mb']:.2f}x"),
+            ]
+        single, before = (measure_in_process("captions", "none", folder, repeats, native, mode, per_image=1)
+                          for mode in ("shared", "rows"))
+        rows.append(("training captions/s, batch 10 = 10 images x 1, fp32 LoRA", f"{single['value']:.2f}",
+                     f"one row per caption (before): {before['value']:.2f}",
+                     f"{single['value'] / before['value']:.2f}x"))
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny models, one repeat: only checks it runs")
-    parser.add_argument("--worker", choices=("train", "caption"), help=argparse.SUPPRESS)  # one QLoRA measurement
+    parser.add_argument("--only-caption-training", action="store_true",
+                        help="only the rows of training on 5 captions per image (the slowest rows)")
+    parser.add_argument("--worker", choices=("train", "caption", "captions"), help=argparse.SUPPRESS)  # one measurement
+    parser.add_argument("--mode", help=argparse.SUPPRESS)
+    parser.add_argument("--per-image", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--quantize", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     parser.add_argument("--repeats", type=int, help=argparse.SUPPRESS)
@@ -393,12 +483,21 @@ def main():
     parser.add_argument("--photo", help=argparse.SUPPRESS)
     parser.add_argument("--started", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker == "captions":
+        return print(json.dumps(caption_training_rate(args.mode, args.quantize, args.checkpoint, args.repeats,
+                                                      args.compute_dtype, args.per_image)))
     if args.worker:
         return worker(args.worker, args.quantize, args.checkpoint, args.repeats, args.compute_dtype)
     if args.stages:
         return stage_worker(args.stages, args.checkpoint, args.photo, args.started)
     repeats = 1 if args.smoke else REPEATS
     vit_config, gpt2_config = configs(args.smoke)
+    caption_training = caption_training_rows(vit_config, gpt2_config, 1 if args.smoke else QLORA_REPEATS)
+    if args.only_caption_training:
+        print("| measurement | value | compared with | ratio |\n|---|---:|---|---:|")
+        for row in caption_training:
+            print("| " + " | ".join(row) + " |")
+        return
     size, eos = vit_config.image_size, gpt2_config.eos_token_id
     model, peer = build_img2gpt(vit_config, gpt2_config), build_peer(vit_config, gpt2_config)
     tokenizer = fixed_length_tokenizer(eos)
@@ -443,6 +542,7 @@ def main():
          f"{checkpoint_bytes / full_bytes:.2%}"),
         ("training images/s, batch 8, fp32 LoRA", f"{train_rate:.2f}", "", ""),
         *qlora,
+        *caption_training,
         *[(f"whole process, caption {count} image{'s' if count > 1 else ''} (start to exit)", f"{ours:.2f} s",
            f"VisionEncoderDecoder peer script: {theirs:.2f} s", f"{ours / theirs:.2f}x")
           for count, (ours, theirs) in whole.items()],

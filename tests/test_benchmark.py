@@ -13,6 +13,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import benchmark  # noqa: E402
 
 CPU = torch.device("cpu")
+NATIVE = "bfloat16" if ts.cpu_has_native_bf16() else "float32"
 
 
 def test_benchmark_smoke_mode_prints_the_table():
@@ -34,13 +35,19 @@ def test_benchmark_smoke_mode_prints_the_table():
                       f"training peak memory (RSS), batch 8, 4-bit ({ts.choose_precision(CPU, '4bit')[1]})",
                       "parameter memory, 4-bit (captioning)", "caption latency, 1 image, 4-bit",
                       "captioning peak memory (RSS), 4-bit",
+                      *[label for precision in ("fp32 LoRA", f"4-bit NF4 LoRA, {NATIVE} compute") for label in (
+                          f"training captions/s, batch 10 = 2 images x 5, {precision}",
+                          f"training captions/s, batch 10 = 2 images x 5, {precision}",
+                          f"training peak memory (RSS), batch 10 = 2 images x 5, {precision}")],
+                      "training captions/s, batch 10 = 10 images x 1, fp32 LoRA",
                       "whole process, caption 1 image (start to exit)", "whole process, caption 8 images (start to exit)",
                       "prefix prefill, 8 images (GPT-2 reads 8 x prefix tokens once)"]
     table = rows[1:]
     for row in table:
         value = row.split(" | ")[1]
         assert re.match(r"^\d+(\.\d+)?( s| MB)?$", value), row
-    assert "VisionEncoderDecoder peer script" in table[15] and "cross-attention keys/values" in table[17]
+    assert "VisionEncoderDecoder peer, same LoRA" in table[15] and "one row per caption" in table[16]
+    assert "VisionEncoderDecoder peer script" in table[22] and "cross-attention keys/values" in table[24]
     assert [row.split(" | ")[0].lstrip("| ") for row in stages[1:]] == [*benchmark.STAGES, "total"]
     for row in stages[1:]:
         assert all(re.match(r"^\d+\.\d\d$", cell) for cell in row.strip("| ").split(" | ")[1:]), row

@@ -36,8 +36,9 @@ def test_two_processes_train_one_checkpoint(flickr_dir, tiny_models, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "training_log.jsonl").read_text().splitlines()]
     (start,) = [r for r in records if r["type"] == "start"]
     assert start["processes"] == 2
-    size = len(ts.make_datasets(*_train_rows(flickr_dir))["train"])
-    expected = [list(ts.EpochBatchSampler(size, 8, 42, 1, rank=r, world=2))[0] for r in range(2)]
+    dataset = ts.make_datasets(*_train_rows(flickr_dir))["train"]
+    size = len(dataset)
+    expected = [list(ts.EpochBatchSampler(dataset.groups, 8, 42, 1, rank=r, world=2))[0] for r in range(2)]
     assert start["first_batches"] == expected and expected[0] != expected[1]  # each its own half
     steps = [r["step"] for r in records if r["type"] == "batch"]
     assert steps == list(range(1, (-(-size // 8)) // 2 + 1))  # half of the epoch's batches each

@@ -403,3 +403,95 @@ def test_a_second_runs_checkpoint_of_the_same_name_is_scored_apart(trained, flic
 
     code, _, err = cli(capsys, ts, *evaluate, first)  # the same checkpoint again: its own file, no third one
     assert code == 0 and len(list(scores.glob("eval_*.json"))) == 2
+
+
+# --- What a hostile try of the above found ------------------------------------------------------------------
+def test_odd_caption_files_are_skipped_row_by_row_or_refused_in_one_line(tmp_path):
+    images = tmp_path / "coco" / "train2014"
+    write_images(images, ["1.jpg", "2.jpg", "3.jpg"])
+    (tmp_path / "outside.jpg").write_bytes((images / "1.jpg").read_bytes())
+    (tmp_path / "coco" / "annotations").mkdir()
+    annotations = {"images": [{"id": 1, "file_name": "1.jpg"}, {"id": 2, "file_name": "2.jpg"},
+                              {"id": 3, "file_name": str(tmp_path / "outside.jpg")}],
+                   "annotations": [{"image_id": 1, "caption": "one"}, {"image_id": [2], "caption": "a list"},
+                                   {"image_id": 2, "caption": "two"}, {"image_id": 3, "caption": "outside"}]}
+    (tmp_path / "coco" / "annotations" / "captions_train2014.json").write_text(json.dumps(annotations))
+    data = ts.prepare_data(config_of("--data-dir", tmp_path / "coco", "--karpathy-split-file", "none"))
+    assert sorted(data.captions["caption"]) == ["one", "two"] and data.skipped_rows == 1
+    assert any(name.endswith("outside.jpg") for name in data.left_out)
+
+    (tmp_path / "captions.txt").write_text("image,caption\n1.jpg,a name\nbad\x00name.jpg,a NUL in its name\n")
+    write_images(tmp_path, ["1.jpg"])
+    captions, _, skipped = ts.load_captions("csv", [tmp_path / "captions.txt"], tmp_path)
+    assert list(captions["image_name"]) == ["1.jpg"] and skipped == 1
+
+    (tmp_path / "dataset_bad.json").write_text(json.dumps({"images": 5, "sentences": 1, "filename": 1}))
+    with pytest.raises(ts.Img2GPTError, match="its images are not a list"):
+        ts.read_karpathy(tmp_path / "dataset_bad.json")
+
+
+def test_a_missing_split_trains_in_every_reader(tmp_path):
+    names = [f"{i}.jpg" for i in range(12)]
+    splits = ["val", "test"] + [None] * 10
+    folder = tmp_path / "jsonl"
+    write_images(folder, names)
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "text": "x", "split": s}) + "\n"
+                                                   for n, s in zip(names, splits)))
+    folder_csv = tmp_path / "csv"
+    write_images(folder_csv, names)
+    (folder_csv / "metadata.csv").write_text("file_name,text,split\n" + "".join(f"{n},x,{s or ''}\n"
+                                                                               for n, s in zip(names, splits)))
+    folder_k = tmp_path / "karpathy"
+    write_images(folder_k / "images", names)
+    karpathy_json(folder_k / "dataset_mine.json", splits)
+    for data_dir in (folder, folder_csv, folder_k):
+        data = ts.prepare_data(config_of("--data-dir", data_dir))
+        assert (len(data.splits["train"]), data.splits["val"], data.splits["test"], data.unknown_splits) == (
+            10, ["0.jpg"], ["1.jpg"], {}), data_dir
+    data = ts.prepare_data(config_of("--data-dir", folder, "--karpathy-split-file", folder_k / "dataset_mine.json"))
+    assert len(data.splits["train"]) == 10 and data.unknown_splits == {}
+
+
+def test_a_named_pipe_as_a_checkpoint_or_split_file_is_one_line(trained, flickr_dir, tiny_models, tmp_path, capsys):
+    os.mkfifo(tmp_path / "fifo.pth")
+    os.mkfifo(tmp_path / "fifo.json")
+    for script, argv in ((inference_script, ["--weights", tmp_path / "fifo.pth", "--image", "x.jpg"]),
+                         (ts, train_args(flickr_dir, tiny_models, tmp_path / "a", "--evaluate", tmp_path / "fifo.pth")),
+                         (ts, [*train_args(flickr_dir, tiny_models, tmp_path / "b"), "--karpathy-split-file",
+                               tmp_path / "fifo.json"])):
+        code, _, err = cli(capsys, script, *argv, "--device", "cpu")
+        assert code == 1 and "is not a regular file (a named pipe or a device)" in one_error_line(err)
+
+
+def test_a_folder_named_like_a_run_file_is_one_line_and_overwrite_waits_for_the_data(trained, flickr_dir, tiny_models,
+                                                                                   tmp_path, capsys):
+    out, args = trained
+    odd = tmp_path / "odd"
+    (odd / "loss.png").mkdir(parents=True)
+    for extra in ([], ["--overwrite"], ["--resume", "auto"]):
+        code, _, err = cli(capsys, ts, *train_args(flickr_dir, tiny_models, odd), *extra)
+        assert code == 1 and "loss.png' is not a regular file" in one_error_line(err)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for file in out.iterdir():
+        if file.is_file():
+            (copy / file.name).write_bytes(file.read_bytes())
+    before = snapshot(copy)
+    code, _, err = cli(capsys, ts, *train_args(tmp_path / "no_such_data", tiny_models, copy), "--overwrite")
+    assert code == 1 and "does not exist" in one_error_line(err)
+    assert snapshot(copy) == before  # a mistyped --data-dir does not cost the old run
+
+
+def test_ctrl_c_while_continuing_another_folders_run_advises_that_run(trained, tmp_path, capsys, monkeypatch):
+    out, args = trained
+    moved = [str(tmp_path / "next") if a == str(out) else a for a in args]
+    monkeypatch.setattr(ts, "train_one_epoch", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    code, _, err = cli(capsys, ts, *moved, "--epochs", "2", "--resume", out / "img2gpt_last.pth")
+    advice = err.strip().splitlines()[-1]
+    assert code == 1 and f"continue from {out / 'img2gpt_last.pth'}" in advice and "--resume auto" not in advice
+
+
+def test_fractional_seconds_and_alpha_are_taken(capsys):
+    assert config_of("--lora-alpha", "0.5").lora_alpha == 0.5
+    cfg = ts.parse_config(inference_script.CONSTANTS, ["--request-timeout", "2.5"], inference_script.FLAG_ALIASES)
+    assert cfg.request_timeout == 2.5
