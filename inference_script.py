@@ -23,9 +23,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from training_script import (DECODING_RULES, IMAGE_ERRORS, Img2GPTError, at_least, caption_sources,
-                             check_context, check_settings, choose_precision, decoding_settings, load_checkpoint, load_image,
-                             parse_config, read_text, rebuild_from_checkpoint, resolve_device,
-                             run_cli)
+                             GALLERY_STYLE, check_context, check_settings, choose_precision, decoding_settings, gallery_card,
+                             load_checkpoint, load_image, parse_config, read_text, rebuild_from_checkpoint,
+                             require_writable_dir, resolve_device, run_cli, thumbnail_uri, write_gallery)
 
 # --- What to caption ------------------------------------------------------------------------------
 MODEL_WEIGHTS_PATH = "img2gpt_epoch_3.pth"  # checkpoint written by training_script.py
@@ -46,6 +46,7 @@ NO_REPEAT_NGRAM_SIZE = 0  # never repeat an n-gram of this many tokens (0: off)
 REPETITION_PENALTY = 1.0  # above 1 discourages repeating tokens (1.0: off)
 BATCH_SIZE = 8  # images captioned together (fetched and preprocessed ahead in threads)
 JSON_OUTPUT = False  # one JSON record per image on stdout ({"image", "caption", "error"}); progress on stderr
+HTML_OUTPUT = None  # also write a page of the captioned images here (thumbnails embedded, opens offline); None: no
 
 # --- Web page -------------------------------------------------------------------------------------
 WEB = False  # serve a Gradio page on 127.0.0.1:WEB_PORT instead of captioning IMAGE_URL (needs: pip install gradio)
@@ -55,8 +56,10 @@ WEB_PORT = 7860  # port of the --web page
 CONSTANTS = {name: value for name, value in dict(globals()).items()
              if name.isupper() and isinstance(value, (bool, int, float, str, type(None)))}
 FLAG_ALIASES = {"MODEL_WEIGHTS_PATH": "--weights", "IMAGE_URL": "--image", "DEVICE_CHOICE": "--device",
-                "VIT_MODEL_NAME": "--vit-model", "GPT2_MODEL_NAME": "--gpt2-model", "JSON_OUTPUT": "--json"}
+                "VIT_MODEL_NAME": "--vit-model", "GPT2_MODEL_NAME": "--gpt2-model", "JSON_OUTPUT": "--json",
+                "HTML_OUTPUT": "--html"}
 RULE = "=" * 50
+GALLERY_LIMIT = 64  # images the web page's gallery tab captions at a time
 SETTING_RULES = {
     # threading's timers (the download deadline) take at most TIMEOUT_MAX seconds (about 292 years)
     "request_timeout": (lambda value: 0 < value <= threading.TIMEOUT_MAX,
@@ -295,23 +298,47 @@ def serve_web(model, tokenizer, processor, open_image, cfg, say=print):
             raise gr.Error(str(result))
         return result
 
+    def gallery(files, urls):
+        """Cards for dropped files and http(s) URLs (one a line), as the --html page shows them."""
+        lines = [line.strip() for line in (urls or "").splitlines() if line.strip()]
+        if any(not re.match(r"^https?://", line, re.I) for line in lines):  # never a path on this server
+            raise gr.Error("The URL list takes http:// and https:// URLs only: drop files for the others.")
+        sources = [*(files or []), *lines]
+        if not sources:
+            raise gr.Error("Drop some images or paste their URLs first.")
+        if len(sources) > GALLERY_LIMIT:
+            raise gr.Error(f"At most {GALLERY_LIMIT} images at a time.")
+        thumbnails, cards, uploaded = {}, [], set(files or [])
+        opener = partial(open_keeping_thumbnail, open_image, thumbnails)
+        settings = {**decoding_settings(cfg), "max_new_tokens": min(cfg.max_new_tokens, longest)}
+        report(caption_sources(model, tokenizer, processor, sources, opener, cfg.batch_size, settings), False,
+               thumbnails, cards, quiet=True, name=lambda source: Path(source).name if source in uploaded else source)
+        return f'<div id="cards">{"".join(cards)}</div>'
+
     longest = min(80, getattr(model, "longest_caption", None) or 80)
     with gr.Blocks(title="Img2GPT") as page:
         gr.Markdown(f"# Img2GPT\nCaptions by `{Path(cfg.model_weights_path).name}`. Drop an image or paste a URL.")
-        with gr.Row():
-            with gr.Column():
-                image = gr.Image(type="filepath", label="Image")
-                url = gr.Textbox(label="...or an image URL", placeholder="https://...")
-                beams = gr.Slider(1, 8, value=cfg.num_beams, step=1, label="Beams (1: greedy)")
-                tokens = gr.Slider(min(5, longest), longest, value=min(cfg.max_new_tokens, longest), step=1,
-                                   label="Max new tokens")
-                button = gr.Button("Caption", variant="primary")
-            with gr.Column():
-                result = gr.Textbox(label="Caption", elem_id="caption", interactive=False)
+        with gr.Tab("Caption"):
+            with gr.Row():
+                with gr.Column():
+                    image = gr.Image(type="filepath", label="Image")
+                    url = gr.Textbox(label="...or an image URL", placeholder="https://...")
+                    beams = gr.Slider(1, 8, value=cfg.num_beams, step=1, label="Beams (1: greedy)")
+                    tokens = gr.Slider(min(5, longest), longest, value=min(cfg.max_new_tokens, longest), step=1,
+                                       label="Max new tokens")
+                    button = gr.Button("Caption", variant="primary")
+                with gr.Column():
+                    result = gr.Textbox(label="Caption", elem_id="caption", interactive=False)
+        with gr.Tab("Gallery"):
+            files = gr.File(file_count="multiple", file_types=["image"], type="filepath", label="Images")
+            urls = gr.Textbox(lines=3, label="...or image URLs, one a line", placeholder="https://...")
+            make = gr.Button("Make the gallery", variant="primary")
+            cards = gr.HTML(elem_id="gallery")
         button.click(caption, inputs=[image, url, beams, tokens], outputs=result, api_name="caption")
+        make.click(gallery, inputs=[files, urls], outputs=cards, api_name="gallery")
     say(f"Serving the Img2GPT page on http://127.0.0.1:{cfg.web_port} (Ctrl+C stops it)")
     try:
-        page.launch(server_name="127.0.0.1", server_port=cfg.web_port, quiet=True)
+        page.launch(server_name="127.0.0.1", server_port=cfg.web_port, quiet=True, css=GALLERY_STYLE)
     except OSError as exc:  # the port was taken between the check at start and now
         raise Img2GPTError(f"the page could not start on port {cfg.web_port} ({exc}): pick another --web-port") from None
 
@@ -328,21 +355,42 @@ def require_free_port(port):
                                "pick another --web-port") from None
 
 
-def report(results, json_output):
-    """Print each (source, caption or error) as it comes; returns (failed, total)."""
+def report(results, json_output, thumbnails=None, cards=None, quiet=False, name=str):
+    """Print each (source, caption or error) as it comes (nothing when quiet), and append its gallery card
+    (with its thumbnail from `thumbnails`, by source; named name(source)) to `cards` when given; returns
+    (failed, total)."""
     failed = total = 0
     for source, caption in results:
         total += 1
-        error = caption if isinstance(caption, Exception) else None
+        failure = caption if isinstance(caption, Exception) else None
+        if cards is not None:
+            cards.append(gallery_card(name(source), thumbnails.get(source), None if failure else caption,
+                                      error=failure))
+        failed += bool(failure)  # one bad image does not stop the others
+        if quiet:
+            continue
         if json_output:
-            print(json.dumps({"image": source, "caption": None if error else caption,
-                              "error": str(error) if error else None}), flush=True)
-        if error:  # one bad image does not stop the others
-            print(f"error: {error}", file=sys.stderr)
-            failed += 1
+            print(json.dumps({"image": source, "caption": None if failure else caption,
+                              "error": str(failure) if failure else None}), flush=True)
+        if failure:
+            print(f"error: {failure}", file=sys.stderr)
         elif not json_output:
             print(f"\n{RULE}\n      INFERENCE RESULT\n{RULE}\nImage URL: {source}\nGenerated Caption: {caption}\n{RULE}")
     return failed, total
+
+
+def open_keeping_thumbnail(open_image, thumbnails, source):
+    """open_image(source), keeping a thumbnail of it in thumbnails[source] for the --html page."""
+    image = open_image(source)
+    thumbnails[source] = thumbnail_uri(lambda _: image.copy(), source)
+    return image
+
+
+def require_html_path(path):
+    """--html must name a file in a folder that can be written: checked before the model loads."""
+    if Path(path).is_dir():
+        raise Img2GPTError(f"--html '{path}' is a folder: give a file name such as captions.html")
+    require_writable_dir(Path(path).expanduser().parent or ".")
 
 
 def main(argv=None):
@@ -355,6 +403,8 @@ def main(argv=None):
     device = resolve_device(cfg.device_choice)
     if cfg.web:
         require_free_port(cfg.web_port)
+    if cfg.html_output:
+        require_html_path(cfg.html_output)
     say(f"Using device: {device}")
     model, tokenizer, processor = load_model(cfg.model_weights_path, device, cfg.vit_model_name,
                                              cfg.gpt2_model_name, say, cfg.quantize, cfg.max_new_tokens)
@@ -364,13 +414,19 @@ def main(argv=None):
     open_image = partial(fetch_image, timeout=cfg.request_timeout, max_bytes=cfg.max_image_bytes)
     if cfg.web:
         return serve_web(model, tokenizer, processor, open_image, cfg, say)
+    thumbnails, cards = ({}, []) if cfg.html_output else (None, None)
+    if cfg.html_output:  # each image is fetched once: its thumbnail is made from the copy being captioned
+        open_image = partial(open_keeping_thumbnail, open_image, thumbnails)
     results = caption_sources(model, tokenizer, processor, expand_sources(cfg.image_url), open_image,
                               cfg.batch_size, decoding_settings(cfg), on_batch=partial(announce_batch, say=say))
     try:
-        failed, total = report(results, cfg.json_output)
+        failed, total = report(results, cfg.json_output, thumbnails, cards)
     except KeyboardInterrupt:
         Deadline.stop_all()  # downloads in flight end now, not at their deadlines, so the process exits at once
         raise
+    if cards:
+        write_gallery(cfg.html_output, f"Img2GPT captions by {Path(cfg.model_weights_path).name}", cards)
+        say(f"\nWrote {cfg.html_output} (open it in a browser: every image beside its caption)")
     if failed:
         sys.exit(f"error: {failed} of {total} images could not be captioned")
     if total == 0:

@@ -1529,20 +1529,26 @@ def tokenize_for_scoring(captions):
     return {key: [ptb_like_tokenize(c) for c in texts] for key, texts in captions.items()}, "PTB-like (Python)"
 
 
-def score_captions(references, predictions):
+def score_captions(references, predictions, per_image=None):
     """({metric: score}, notes) with pycocoevalcap's scorers. references: {image: [captions]},
     predictions: {image: caption}. BLEU, ROUGE-L and CIDEr are pure Python; METEOR runs on Java and SPICE
-    also needs Stanford CoreNLP, so each is left out with a note where it cannot run."""
+    also needs Stanford CoreNLP, so each is left out with a note where it cannot run. A dict given as
+    per_image receives {image: {"CIDEr", "Bleu_4"}}, each image's own scores (CIDEr's document frequencies
+    are the whole set's, as in the corpus score)."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
 
     gts, tokenizer = tokenize_for_scoring(references)
     res, _ = tokenize_for_scoring({image: [predictions[image]] for image in references})
-    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    bleu, bleu_each = Bleu(4).compute_score(gts, res, verbose=0)
     scores = {f"Bleu_{n}": float(value) for n, value in enumerate(bleu, 1)}
     scores["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
-    scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+    cider, cider_each = Cider().compute_score(gts, res)
+    scores["CIDEr"] = float(cider)
+    if per_image is not None:  # the scorers list images in the order of gts
+        per_image.update({image: {"CIDEr": float(c), "Bleu_4": float(b)}
+                          for image, c, b in zip(gts, cider_each, bleu_each[3])})
     notes = [f"tokenizer: {tokenizer}"]
     if not shutil.which("java"):
         return scores, notes + ["METEOR and SPICE left out: they need Java (install a JRE to get them)"]
@@ -1606,6 +1612,133 @@ def meteor_score(gts, res):
             meteor.lock.release()
 
 
+GALLERY_THUMBNAIL = 256  # longest side of the images embedded in a gallery page, in pixels
+# The card layout, shared by the pages and the web page's gallery tab.
+GALLERY_STYLE = """
+#cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(280px, 1fr)); gap: 1em; }
+.card { background: white; border: 1px solid #ddd; border-radius: 8px; padding: .7em; color: #222; }
+.card img { display: block; max-width: 100%; max-height: 256px; margin: 0 auto .5em; }
+.placeholder { height: 120px; display: flex; align-items: center; justify-content: center; background: #eee;
+  color: #777; margin-bottom: .5em; }
+.name { color: #666; font-size: .85em; word-break: break-all; } .caption { font-weight: 600; margin: .3em 0; }
+.references { margin: .3em 0 0 1.1em; padding: 0; font-size: .9em; color: #444; }
+.scores { font-size: .85em; color: #555; } .error { color: #b00; }
+"""
+GALLERY_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline';
+ script-src 'unsafe-inline'">
+<title>{title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 1.5em; color: #222; background: #fafafa; }}
+table {{ border-collapse: collapse; margin-bottom: 1em; }} td, th {{ border: 1px solid #ccc; padding: .3em .7em; }}
+td.score {{ text-align: right; font-variant-numeric: tabular-nums; }}
+#controls {{ margin: 1em 0; display: flex; gap: 1em; align-items: center; flex-wrap: wrap; }}
+{style}
+</style></head><body>
+<h1>{title}</h1>
+{summary}
+<div id="controls">{sorting}<label>Filter <input id="filter" type="search" placeholder="words in a caption or name">
+</label><span id="shown"></span></div>
+<div id="cards">
+{cards}
+</div>
+<script>
+const cards = Array.from(document.querySelectorAll(".card"));
+const holder = document.getElementById("cards"), shown = document.getElementById("shown");
+function update() {{
+  const order = document.getElementById("order"), query = document.getElementById("filter").value.toLowerCase();
+  const sorted = cards.slice();
+  if (order && order.value !== "page") {{
+    const sign = order.value === "best" ? -1 : 1;
+    sorted.sort((a, b) => sign * (Number(a.dataset.score) - Number(b.dataset.score)));
+  }}
+  let count = 0;
+  for (const card of sorted) {{
+    const visible = card.textContent.toLowerCase().includes(query);
+    card.hidden = !visible; count += visible; holder.appendChild(card);
+  }}
+  shown.textContent = count + " of " + cards.length + " images";
+}}
+for (const id of ["order", "filter"]) {{
+  const control = document.getElementById(id); if (control) control.addEventListener("input", update);
+}}
+update();
+</script></body></html>
+"""
+
+
+def thumbnail_uri(open_image, source):
+    """The image as a data: URI of a JPEG whose longest side is at most GALLERY_THUMBNAIL (a few kilobytes), so
+    the page holds its images and opens anywhere; None when the image cannot be opened."""
+    import base64
+
+    try:
+        image = open_image(source)
+        image.thumbnail((GALLERY_THUMBNAIL, GALLERY_THUMBNAIL))
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=80)
+    except (Img2GPTError, *IMAGE_ERRORS):
+        return None
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def gallery_card(name, thumbnail, caption=None, references=(), scores=None, error=None):
+    """One image's card: its thumbnail (or a placeholder), the generated caption, the references and its own
+    scores. Every text is escaped: a caption '<script>' is shown, never run."""
+    from html import escape
+
+    picture = (f'<img src="{thumbnail}" alt="{escape(name)}">' if thumbnail
+               else f'<div class="placeholder">no preview: {escape(name)}</div>')
+    parts = [picture, f'<div class="name">{escape(name)}</div>']
+    parts.append(f'<div class="caption error">{escape(str(error))}</div>' if error
+                 else f'<div class="caption">{escape(caption or "")}</div>')
+    if references:
+        parts.append('<ul class="references">' + "".join(f"<li>{escape(r)}</li>" for r in references) + "</ul>")
+    if scores:
+        parts.append('<div class="scores">' + ", ".join(f"{escape(k)} {v:.3f}" for k, v in scores.items()) + "</div>")
+    score = (scores or {}).get("CIDEr", 0.0)
+    return f'<div class="card" data-score="{score:.6f}">' + "".join(parts) + "</div>"
+
+
+def write_gallery(path, title, cards, scores=None):
+    """A self-contained HTML page (no network: thumbnails embedded, styles and script inline, a content policy
+    that forbids loading anything) of the given cards, with a scores table when `scores`; sorted worst first
+    by each card's CIDEr when the cards have scores, with a control to sort best first, and a text filter.
+    Written atomically."""
+    from html import escape
+
+    summary = ""
+    if scores:
+        summary = ("<table><tr><th>metric</th><th>score</th></tr>" + "".join(
+            f'<tr><td>{escape(metric)}</td><td class="score">{value:.4f}</td></tr>' for metric, value in scores.items())
+            + "</table>")
+    sorting = ('<label>Sort <select id="order"><option value="worst">worst CIDEr first</option>'
+               '<option value="best">best CIDEr first</option></select></label>') if scores else ""
+    page = GALLERY_PAGE.format(title=escape(title), summary=summary, sorting=sorting, cards="\n".join(cards),
+                               style=GALLERY_STYLE)
+    write_atomically(path, lambda file: file.write(page.encode("utf-8")))
+
+
+def evaluation_gallery(path, report, per_image, image_dir):
+    """eval_<checkpoint>.html beside its JSON: the scores, then a card per test image, worst CIDEr first."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def open_local(name):
+        return load_image(Path(image_dir) / name)
+
+    entries = report["captions"]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        thumbnails = list(pool.map(partial(thumbnail_uri, open_local), [e["image"] for e in entries]))
+    cards = [gallery_card(e["image"], thumb, e["generated"], e["references"], per_image.get(e["image"]))
+             for e, thumb in zip(entries, thumbnails)]
+    cards = [card for _, card in sorted(zip([per_image.get(e["image"], {}).get("CIDEr", 0) for e in entries], cards),
+                                        key=lambda pair: pair[0])]  # worst first, also without JavaScript
+    scores = {k: v for k, v in report.items() if isinstance(v, float)}
+    write_gallery(path, f"Img2GPT evaluation: {report['checkpoint']} ({report['split']}, {len(entries)} test images)",
+                  cards, scores)
+
+
 def evaluate_on_test(model, tokenizer, processor, data, cfg, checkpoint_name, path, identity):
     """Caption every test image, score against all its references, print the scores as a table and write them
     to `path` (from evaluation_path) with the checkpoint's identity. Returns the scores."""
@@ -1622,7 +1755,8 @@ def evaluate_on_test(model, tokenizer, processor, data, cfg, checkpoint_name, pa
                               cfg.batch_size, decoding)
     for name, caption in tqdm(results, total=len(names), desc="captioning the test split"):
         predictions[name] = "" if isinstance(caption, Exception) else caption  # unreadable now: scores zero
-    scores, notes = score_captions(references, predictions)
+    per_image = {}
+    scores, notes = score_captions(references, predictions, per_image)
     # Printed before writing: a disk that fills up now loses the file, never the numbers.
     print(f"\nTest split ({data.split_name}, {len(names)} images), {checkpoint_name}:\n\n| metric | score |\n|---|---:|")
     print("\n".join(f"| {metric} | {value:.4f} |" for metric, value in scores.items()))
@@ -1630,11 +1764,14 @@ def evaluate_on_test(model, tokenizer, processor, data, cfg, checkpoint_name, pa
         print(f"({note})")
     report = {**scores, "checkpoint": checkpoint_name, **identity, "split": data.split_name,
               "test_images": len(names), "decoding": decoding, "notes": notes,
-              "captions": [{"image": n, "generated": predictions[n], "references": references[n]} for n in names]}
+              "captions": [{"image": n, "generated": predictions[n], "references": references[n], **per_image[n]}
+                           for n in names]}
     if Path(path).name == f"eval_{checkpoint_name}.json":  # another evaluation may have written it meanwhile
         path = evaluation_path(Path(path).parent, checkpoint_name, identity, say=lambda _: None)
     write_atomically(path, lambda file: file.write(json.dumps(report, indent=2).encode("utf-8")))
-    print(f"\nWrote {path}")
+    gallery = Path(path).with_suffix(".html")
+    evaluation_gallery(gallery, report, per_image, data.image_dir)
+    print(f"\nWrote {path} and {gallery.name} (open it in a browser: every test image beside its captions)")
     return scores
 
 

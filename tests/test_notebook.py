@@ -37,3 +37,9 @@ def test_notebook_commands_are_the_readme_commands():
 
 def source_of(nb):
     return "\n".join(cell.source for cell in nb.cells if cell.cell_type == "code")
+
+
+def test_the_last_cell_shows_the_evaluation_gallery():
+    last = notebook().cells[-1]
+    assert last.cell_type == "code" and "display(HTML(" in last.source
+    assert 'f"{OUTPUT_DIR}/eval_img2gpt_epoch_3.html"' in last.source  # what the train cell's evaluation writes

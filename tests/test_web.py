@@ -122,3 +122,20 @@ def test_page_in_a_real_browser(page, checkpoint, flickr_dir, tmp_path):
         browser.close()
     print(f"the browser saw the caption {seen!r}")
     assert seen == expected and shot.stat().st_size > 10_000
+
+
+def test_gallery_tab_shows_every_image_beside_its_caption(page, checkpoint, flickr_dir, image_server):
+    from gradio_client import Client, handle_file
+
+    folder = flickr_dir / "flickr30k_images" / "flickr30k_images"
+    client = Client(page, verbose=False)
+    html = client.predict([handle_file(str(folder / "1009.jpg")), handle_file(str(folder / "corrupt.jpg"))],
+                          f"{image_server}/1010.jpg\n{image_server}/missing.jpg", api_name="/gallery")
+    assert html.count('<div class="card"') == 4 and html.count("data:image/jpeg;base64,") == 2
+    for name, image in (("1009.jpg", folder / "1009.jpg"), (f"{image_server}/1010.jpg", folder / "1010.jpg")):
+        card = html.split(f'<div class="name">{name}</div>', 1)[1].split("</div>", 2)[0]
+        assert card.endswith(cli_caption(checkpoint, image)), card
+    assert "answered HTTP 404" in html and ("is not an image" in html or "is not a readable image" in html)
+    for bad in ("/etc/hostname", "file:///etc/hostname"):  # the list reads no server path
+        with pytest.raises(Exception, match="takes http:// and https:// URLs only"):
+            client.predict([], bad, api_name="/gallery")
