@@ -209,14 +209,14 @@ def download(url, timeout, max_bytes):
         except (requests.RequestException, HTTPError, OSError) as exc:
             if not deadline.expired.is_set():
                 if isinstance(exc, requests.Timeout):
-                    raise Img2GPTError(f"'{url}' did not answer within {timeout} s (--request-timeout)") from None
+                    raise Img2GPTError(f"'{url}' did not answer within {timeout:g} s (--request-timeout)") from None
                 if isinstance(exc, requests.ConnectionError):
                     raise Img2GPTError(f"could not connect to '{url}': check the address and your connection"
                                        ) from None
                 raise Img2GPTError(f"could not download '{url}' ({type(exc).__name__})") from None
     if Deadline.stopped.is_set():
         raise Img2GPTError(f"'{url}': download stopped (interrupted)")
-    raise Img2GPTError(f"'{url}' did not answer within {timeout} s (--request-timeout)")
+    raise Img2GPTError(f"'{url}' did not answer within {timeout:g} s (--request-timeout)")
 
 
 def fetch_image(source, timeout, max_bytes):

@@ -193,6 +193,12 @@ def flag_of(name, aliases):
     return aliases.get(name.upper(), "--" + name.replace("_", "-"))
 
 
+def shown(value):
+    """A setting's value as a message shows it: a whole float without its '.0' (16.0 -> 16), else its repr."""
+    whole = isinstance(value, float) and value.is_integer() and abs(value) < 1e16
+    return str(int(value)) if whole else repr(value)
+
+
 def check_settings(cfg, rules, aliases):
     """One error line for the first setting out of its range, naming its flag, its value and what is allowed.
     A blank text setting is refused too: '' (an unset shell variable) never means "unset" for a path."""
@@ -204,7 +210,7 @@ def check_settings(cfg, rules, aliases):
     for name, (allowed, text) in rules.items():
         value = getattr(cfg, name)
         if not allowed(value):
-            raise Img2GPTError(f"{flag_of(name, aliases)} {value!r} is out of range: give {text}")
+            raise Img2GPTError(f"{flag_of(name, aliases)} {shown(value)} is out of range: give {text}")
 
 
 # --- Configuration --------------------------------------------------------------------------------
@@ -428,6 +434,8 @@ def locate_images(start, names, data_dir):
     # names that climb out (../, absolute) say nothing of where the image folder is: outside_data_dir drops them
     sample = [name for name in names[:200]
               if name and not Path(name).is_absolute() and ".." not in Path(name).parts][:50]
+    if not sample and names:  # every name climbs out: they are relative to their file, and outside_data_dir says so
+        return start
     candidates = [start / sub for sub in ("", "Images", "images", "flickr30k_images/flickr30k_images",
                                           "flickr30k_images")]
     hits = [(sum((folder / name).is_file() for name in sample), folder) for folder in candidates]
@@ -1918,8 +1926,9 @@ def check_resume(cfg, state, processes):
         if getattr(cfg, name) != was:
             flag = flag_of(name, FLAG_ALIASES)
             what = "schedule depends" if name == "warmup_steps" else "trained weights depend"
-            raise Img2GPTError(f"{flag} {getattr(cfg, name)!r} differs from the run's {was!r}, which its {what} on: "
-                               f"resume with {flag} {was}, or start a new run in another --output-dir")
+            value = shown(was) if isinstance(was, float) else was  # as typed after the flag: no quotes, no .0
+            raise Img2GPTError(f"{flag} {shown(getattr(cfg, name))} differs from the run's {shown(was)}, which its "
+                               f"{what} on: resume with {flag} {value}, or start a new run in another --output-dir")
     for key, name, default in (("vit_model", cfg.vit_model_name, VIT_MODEL_NAME),
                                ("gpt2_model", cfg.gpt2_model_name, GPT2_MODEL_NAME)):
         if name != default:  # as for --evaluate and inference: the flag names another copy
