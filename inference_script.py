@@ -23,7 +23,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from training_script import (DECODING_RULES, IMAGE_ERRORS, Img2GPTError, at_least, caption_sources,
-                             GALLERY_STYLE, check_context, check_settings, choose_precision, decoding_settings, gallery_card,
+                             check_context, check_settings, choose_precision, decoding_settings, gallery_card,
                              load_checkpoint, load_image, parse_config, read_text, rebuild_from_checkpoint,
                              require_writable_dir, resolve_device, run_cli, thumbnail_uri, write_gallery)
 
@@ -278,6 +278,8 @@ def serve_web(model, tokenizer, processor, open_image, cfg, say=print):
     once, before the page starts; Gradio is imported only here."""
     import os
 
+    from training_script import GALLERY_STYLE  # here, not at the top: an UPPERCASE str there would be a flag
+
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local page
     try:
         import gradio as gr
@@ -364,8 +366,9 @@ def report(results, json_output, thumbnails=None, cards=None, quiet=False, name=
         total += 1
         failure = caption if isinstance(caption, Exception) else None
         if cards is not None:
+            error = str(failure).replace(str(source), name(source)) if failure else None  # no server paths
             cards.append(gallery_card(name(source), thumbnails.get(source), None if failure else caption,
-                                      error=failure))
+                                      error=error))
         failed += bool(failure)  # one bad image does not stop the others
         if quiet:
             continue
@@ -387,10 +390,20 @@ def open_keeping_thumbnail(open_image, thumbnails, source):
 
 
 def require_html_path(path):
-    """--html must name a file in a folder that can be written: checked before the model loads."""
-    if Path(path).is_dir():
+    """--html must name an .html file in a folder that can be written, and never a file other than a page
+    Img2GPT wrote (the checkpoint, an image): checked before the model loads."""
+    path = Path(path)
+    if path.is_dir():
         raise Img2GPTError(f"--html '{path}' is a folder: give a file name such as captions.html")
-    require_writable_dir(Path(path).expanduser().parent or ".")
+    if path.suffix.lower() not in (".html", ".htm"):
+        raise Img2GPTError(f"--html '{path}' does not end in .html: give a page name such as captions.html")
+    if path.exists():
+        with open(path, "rb") as file:
+            head = file.read(200)
+        if b'<meta name="generator" content="Img2GPT">' not in head:
+            raise Img2GPTError(f"--html '{path}' is a file Img2GPT did not write: give another name, it is never "
+                               "written over")
+    require_writable_dir(path.parent, flag="--html's folder")
 
 
 def main(argv=None):
@@ -404,6 +417,7 @@ def main(argv=None):
     if cfg.web:
         require_free_port(cfg.web_port)
     if cfg.html_output:
+        cfg.html_output = str(Path(cfg.html_output).expanduser())  # "~/x.html" quoted past the shell
         require_html_path(cfg.html_output)
     say(f"Using device: {device}")
     model, tokenizer, processor = load_model(cfg.model_weights_path, device, cfg.vit_model_name,

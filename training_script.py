@@ -1241,7 +1241,7 @@ def prefilled_cache(lm, prefix, mask, beams):
     times; given a cache it reads only what the cache lacks (the last prefix token, per beam). The same
     captions, tested."""
     out = lm(inputs_embeds=prefix[:, :-1], attention_mask=mask[:, :-1], use_cache=True, logits_to_keep=1)
-    cache = out.get("cache", out.get("past_key_values"))  # transformers 5.24 renamed past_key_values to cache
+    cache = out["cache"] if "cache" in out else out["past_key_values"]  # 5.24 renamed past_key_values to cache
     cache.batch_repeat_interleave(beams)  # generate() orders beams image by image
     core = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
     return {"cache" if "cache" in inspect.signature(core.forward).parameters else "past_key_values": cache}
@@ -1633,7 +1633,7 @@ GALLERY_STYLE = """
 .scores { font-size: .85em; color: #555; } .error { color: #b00; }
 """
 GALLERY_PAGE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
+<html lang="en"><head><meta charset="utf-8"><meta name="generator" content="Img2GPT">
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline';
  script-src 'unsafe-inline'">
 <title>{title}</title>
@@ -1728,7 +1728,7 @@ def write_gallery(path, title, cards, scores=None):
     write_atomically(path, lambda file: file.write(page.encode("utf-8")))
 
 
-def evaluation_gallery(path, report, per_image, image_dir):
+def evaluation_gallery(path, report, per_image, image_dir, failures=None):
     """eval_<checkpoint>.html beside its JSON: the scores, then a card per test image, worst CIDEr first."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -1738,8 +1738,8 @@ def evaluation_gallery(path, report, per_image, image_dir):
     entries = report["captions"]
     with ThreadPoolExecutor(max_workers=4) as pool:
         thumbnails = list(pool.map(partial(thumbnail_uri, open_local), [e["image"] for e in entries]))
-    cards = [gallery_card(e["image"], thumb, e["generated"], e["references"], per_image.get(e["image"]))
-             for e, thumb in zip(entries, thumbnails)]
+    cards = [gallery_card(e["image"], thumb, e["generated"], e["references"], per_image.get(e["image"]),
+                          (failures or {}).get(e["image"])) for e, thumb in zip(entries, thumbnails)]
     cards = [card for _, card in sorted(zip([per_image.get(e["image"], {}).get("CIDEr", 0) for e in entries], cards),
                                         key=lambda pair: pair[0])]  # worst first, also without JavaScript
     scores = {k: v for k, v in report.items() if isinstance(v, float)}
@@ -1761,8 +1761,14 @@ def evaluate_on_test(model, tokenizer, processor, data, cfg, checkpoint_name, pa
     predictions = {}
     results = caption_sources(model, tokenizer, processor, names, lambda n: load_image(Path(data.image_dir) / n),
                               cfg.batch_size, decoding)
+    failures = {}
     for name, caption in tqdm(results, total=len(names), desc="captioning the test split"):
         predictions[name] = "" if isinstance(caption, Exception) else caption  # unreadable now: scores zero
+        if isinstance(caption, Exception):
+            failures[name] = str(caption)
+    if failures:
+        print(f"{len(failures)} test image(s) could not be read now and score as empty captions (e.g. "
+              f"{next(iter(failures))})")
     per_image = {}
     scores, notes = score_captions(references, predictions, per_image)
     # Printed before writing: a disk that fills up now loses the file, never the numbers.
@@ -1778,7 +1784,7 @@ def evaluate_on_test(model, tokenizer, processor, data, cfg, checkpoint_name, pa
         path = evaluation_path(Path(path).parent, checkpoint_name, identity, say=lambda _: None)
     write_atomically(path, lambda file: file.write(json.dumps(report, indent=2).encode("utf-8")))
     gallery = Path(path).with_suffix(".html")
-    evaluation_gallery(gallery, report, per_image, data.image_dir)
+    evaluation_gallery(gallery, report, per_image, data.image_dir, failures)
     print(f"\nWrote {path} and {gallery.name} (open it in a browser: every test image beside its captions)")
     return scores
 
@@ -2103,19 +2109,20 @@ def prepare_data(cfg, main=True):
                                  unknown_splits=unknown_splits)
 
 
-def require_writable_dir(output_dir):
-    """OUTPUT_DIR as a Path, created if needed and proven writable by writing a file: a read-only file system
-    or folder is one error line before the work, not a traceback after it."""
+def require_writable_dir(output_dir, flag="--output-dir"):
+    """OUTPUT_DIR (or the folder of what `flag` names) as a Path, created if needed and proven writable by
+    writing a file: a read-only file system or folder is one error line before the work, not a traceback after
+    it."""
     folder = Path(output_dir)
     if folder.exists() and not folder.is_dir():
-        raise Img2GPTError(f"--output-dir '{folder}' is a file, not a folder: give a folder")
+        raise Img2GPTError(f"{flag} '{folder}' is a file, not a folder: give a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with open(folder / f"{LOCK_FILE}.{os.getpid()}.probe", "wb") as probe:
             probe.write(b"ok")
         os.remove(probe.name)
     except OSError as exc:
-        raise Img2GPTError(f"cannot write to --output-dir '{folder}' ({exc.strerror or exc}): choose a writable "
+        raise Img2GPTError(f"cannot write to {flag} '{folder}' ({exc.strerror or exc}): choose a writable "
                            "folder") from None
     return folder
 

@@ -126,3 +126,25 @@ def test_the_pages_in_a_real_browser(evaluated, flickr_dir, tmp_path):
         browser.close()
     assert all(url.startswith(("file:", "data:")) for url in requests), requests
     assert shot.stat().st_size > 10_000
+
+
+def test_html_never_writes_over_a_file_it_did_not_write(evaluated, flickr_dir, tmp_path, capsys, monkeypatch):
+    checkpoint = tmp_path / "copy.pth"
+    checkpoint.write_bytes((evaluated[0] / "img2gpt_epoch_1.pth").read_bytes())
+    image = flickr_dir / "flickr30k_images" / "flickr30k_images" / "1005.jpg"
+    run = ["--weights", checkpoint, "--device", "cpu", "--max-new-tokens", "4", "--image", image, "--html"]
+    before = checkpoint.read_bytes()
+    for target, reason in ((checkpoint, "does not end in .html"), (tmp_path / "notes.html", "Img2GPT did not write"),
+                           (tmp_path / "a_file" / "page.html", "--html's folder"), (tmp_path, "is a folder")):
+        if target.name == "notes.html":
+            target.write_text("<html>my own notes</html>")
+        if target.name == "page.html":
+            target.parent.write_text("a file where a folder belongs")
+        code, out, err = cli(capsys, inference_script, *run, target)
+        assert code == 1 and reason in err and "Step 1" not in out, (target, err)
+    assert checkpoint.read_bytes() == before and (tmp_path / "notes.html").read_text() == "<html>my own notes</html>"
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for _ in range(2):  # "~" the shell left alone is the home folder; a page it wrote it may write again
+        code, _, err = cli(capsys, inference_script, *run, "~/pages/mine.html")
+        assert code == 0, err
+    assert (tmp_path / "home" / "pages" / "mine.html").read_text().count('<div class="card"') == 1
