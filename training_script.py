@@ -101,6 +101,9 @@ QUANTIZE_CHOICES = ("auto", "4bit", "none")
 # bitsandbytes' first release with a CPU backend for 4-bit (Linear4bit forward and backward without CUDA).
 MIN_BITSANDBYTES_FOR_CPU = "0.46"
 CHECKPOINT_FORMAT = "img2gpt-v1"
+# How an epoch's batches are formed (EpochBatchSampler): whole images, their captions together. Saved with the
+# training state, so that a resume of a run saved by the version that shuffled caption rows one by one says so.
+BATCH_ORDER = "images"
 # The caption layouts DATA_DIR may hold, recognised by content (sniff_layout), in order of preference.
 LAYOUTS = {
     "imagefolder": "metadata.jsonl or metadata.csv with file_name and text/caption (Hugging Face imagefolder)",
@@ -1859,7 +1862,7 @@ def training_state(run, epoch, step, tally):
     return {"epoch": epoch, "step": step, "batch_size": run.cfg.batch_size, "seed": run.cfg.seed,
             "processes": run.world, "settings": run.settings, "train_split": run.train_split,
             **tally, "optimizer": run.optimizer.state_dict(),
-            "schedule": run.schedule, "scaler": run.scaler.state_dict(),
+            "schedule": run.schedule, "scaler": run.scaler.state_dict(), "batch_order": BATCH_ORDER,
             "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
 
@@ -2358,6 +2361,11 @@ def train(run):
         changes = resume_changes(run.cfg, run.resume)
         if run.main:
             print(f"Resuming from '{run.cfg.resume_from}': epoch {epoch}, after batch {step}")
+            grouped = any(len(rows) > 1 for rows in run.datasets["train"].groups)
+            if step and grouped and run.resume["training_state"].get("batch_order") != BATCH_ORDER:
+                print(f"Note: this run was saved by a version that shuffled caption rows one by one; the rest of "
+                      f"epoch {epoch} follows the new order of whole images, so some of its captions are trained "
+                      "twice in it and others not at all (later epochs are whole)")
             was, now = ("4bit" if bits else "none" for bits in (run.resume.get("trained_in_4bit"), run.quantize))
             if was != now:  # allowed: the adapters have the same names and shapes either way
                 print(f"Note: this run was trained with --quantize {was} and goes on with --quantize {now}")

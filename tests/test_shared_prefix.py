@@ -163,3 +163,33 @@ def test_beam_search_reads_each_prefix_once_and_writes_the_same_captions(tiny_mo
     length = prefix.shape[1]
     assert shapes[0] == (3, length - 1)  # the prefix, once per image
     assert all(tokens == 1 for _, tokens in shapes[1:]), shapes  # then one token at a time, per beam
+
+
+def test_resuming_a_run_saved_with_rows_shuffled_one_by_one_says_so(flickr_dir, tiny_models, tmp_path, capsys,
+                                                                      monkeypatch):
+    from conftest import train_args
+    from test_bad_input import cli
+
+    args = train_args(flickr_dir, tiny_models, tmp_path, "--epochs", "1", "--batch-size", "8", "--eval-interval", "0",
+                      "--save-interval", "2")
+    real = ts.save_last
+
+    def stop_after_the_first_save(*a, **k):
+        real(*a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ts, "save_last", stop_after_the_first_save)
+    assert cli(capsys, ts, *args)[0] == 1
+    monkeypatch.setattr(ts, "save_last", real)
+    last = tmp_path / "img2gpt_last.pth"
+    state = torch.load(last, weights_only=True)
+    assert state["training_state"]["batch_order"] == "images" and state["training_state"]["step"] == 2
+    del state["training_state"]["batch_order"]  # as the version before whole-image batches saved it
+    old = tmp_path / "old" / "img2gpt_last.pth"
+    old.parent.mkdir()
+    torch.save(state, old)
+    code, out, err = cli(capsys, ts, *args, "--resume", last)
+    assert code == 0 and "shuffled caption rows one by one" not in out, err
+    code, out, err = cli(capsys, ts, *[str(tmp_path / "again") if a == str(tmp_path) else a for a in args],
+                         "--resume", old)
+    assert code == 0 and "saved by a version that shuffled caption rows one by one" in out, err
