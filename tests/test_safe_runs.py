@@ -102,7 +102,8 @@ def test_ctrl_c_advice_works_when_followed(stage, trained, flickr_dir, tiny_mode
         raise KeyboardInterrupt
 
     monkeypatch.setattr(ts, target, interrupt)
-    code, _, err = cli(capsys, ts, *args, "--no-eval-after-training" if stage != "evaluation" else "--eval-after-training")
+    evaluation = "--eval-after-training" if stage == "evaluation" else "--no-eval-after-training"
+    code, _, err = cli(capsys, ts, *args, evaluation)
     advice = err.strip().splitlines()[-1]
     assert code == 1 and advice.startswith("interrupted"), err
     monkeypatch.setattr(ts, target, real)
@@ -175,7 +176,8 @@ def test_a_csv_row_with_an_open_quote_or_a_huge_field_is_skipped_alone(tmp_path)
     (tmp_path / "captions.txt").write_text("\n".join(rows) + "\n")
     captions, _, skipped = ts.load_captions("csv", [tmp_path / "captions.txt"], tmp_path)
     assert dict(zip(captions["image_name"], captions["caption"])) == {
-        "0.jpg": "a dog runs", "2.jpg": "a bird flies", "4.jpg": 'a "quoted" word, and a comma', "5.jpg": "a fish swims"}
+        "0.jpg": "a dog runs", "2.jpg": "a bird flies", "4.jpg": 'a "quoted" word, and a comma',
+        "5.jpg": "a fish swims"}
     assert skipped == 3  # the open quote, the huge field, the row without a caption
 
     (tmp_path / "metadata.csv").write_text("file_name,text\n0.jpg,one\n1.jpg,\"two\n2.jpg,three\n3.jpg,a,b\n")
