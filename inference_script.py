@@ -23,9 +23,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from training_script import (DECODING_RULES, IMAGE_ERRORS, Img2GPTError, at_least, caption_sources,
-                             check_context, check_settings, choose_precision, decoding_settings, gallery_card,
-                             load_checkpoint, load_image, parse_config, read_text, rebuild_from_checkpoint,
-                             require_writable_dir, resolve_device, run_cli, thumbnail_uri, write_gallery)
+                             check_context, check_settings, checkpoint_config, choose_precision, decoding_settings,
+                             gallery_card, load_checkpoint, load_image, open_keeping_thumbnail, parse_config,
+                             read_text, rebuild_from_checkpoint, require_writable_dir, resolve_device, run_cli,
+                             write_gallery)
 
 # --- What to caption ------------------------------------------------------------------------------
 MODEL_WEIGHTS_PATH = "img2gpt_epoch_3.pth"  # checkpoint written by training_script.py
@@ -252,9 +253,8 @@ def load_model(weights_path, device, vit_model=None, gpt2_model=None, say=print,
     MAX_NEW_TOKENS is checked against the language model's positions before anything loads."""
     four_bit, _ = choose_precision(device, quantize)  # an unknown value fails before the checkpoint is read
     state = load_checkpoint(weights_path)
-    config = {**state["config"], **{key: name for key, name in (("vit_model", vit_model), ("gpt2_model", gpt2_model))
-                                    if name}}
-    longest = check_context(config, max_new_tokens=max_new_tokens, aliases=FLAG_ALIASES)
+    longest = check_context(checkpoint_config(state, vit_model, gpt2_model), max_new_tokens=max_new_tokens,
+                            aliases=FLAG_ALIASES)
     precision = "with 4-bit quantization" if four_bit else "in full precision"
     steps = {1: f"Loading tokenizer and base models ({precision})...",
              2: "Applying the exact same LoRA configurations...",
@@ -382,25 +382,22 @@ def report(results, json_output, thumbnails=None, cards=None, quiet=False, name=
     return failed, total
 
 
-def open_keeping_thumbnail(open_image, thumbnails, source):
-    """open_image(source), keeping a thumbnail of it in thumbnails[source] for the --html page."""
-    image = open_image(source)
-    thumbnails[source] = thumbnail_uri(lambda _: image.copy(), source)
-    return image
-
-
 def require_html_path(path):
     """--html must name an .html file in a folder that can be written, and never a file other than a page
     Img2GPT wrote (the checkpoint, an image): checked before the model loads."""
+    from training_script import GALLERY_MARK  # here, not at the top: an UPPERCASE str there would be a flag
+
     path = Path(path)
     if path.is_dir():
         raise Img2GPTError(f"--html '{path}' is a folder: give a file name such as captions.html")
     if path.suffix.lower() not in (".html", ".htm"):
         raise Img2GPTError(f"--html '{path}' does not end in .html: give a page name such as captions.html")
     if path.exists():
-        with open(path, "rb") as file:
-            head = file.read(200)
-        if b'<meta name="generator" content="Img2GPT">' not in head:
+        head = b""
+        if path.is_file():  # a named pipe would block the read
+            with open(path, "rb") as file:
+                head = file.read(200)
+        if GALLERY_MARK.encode() not in head:
             raise Img2GPTError(f"--html '{path}' is a file Img2GPT did not write: give another name, it is never "
                                "written over")
     require_writable_dir(path.parent, flag="--html's folder")

@@ -615,9 +615,8 @@ def outside_data_dir(names, image_dir, data_dir):
     file, perhaps someone else's, must not decide which files on this machine a run reads. Links inside the
     folder that lead to another place inside it are fine."""
     root = os.path.realpath(data_dir)
-    inside = (root.rstrip(os.sep) + os.sep, root)
     return sorted(name for name in set(names)
-                  if not (real := os.path.realpath(Path(image_dir) / name)).startswith(inside[0]) and real != inside[1])
+                  if os.path.commonpath([root, os.path.realpath(Path(image_dir) / name)]) != root)
 
 
 # What opening one image may raise. Beside OSError, SyntaxError, ValueError and the decompression-bomb errors,
@@ -944,6 +943,11 @@ class Img2GPT(nn.Module):
         return self.lm(inputs_embeds=embeds, attention_mask=mask, labels=labels)
 
 
+def causal_lm(lm):
+    """The transformers causal LM itself (GPT2LMHeadModel, LlamaForCausalLM, ...), inside peft's wrapper or not."""
+    return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+
+
 def shared_prefix_layout(lengths, image_index, images, prefix_length):
     """Where each caption token goes when every image is one sequence [prefix, caption 1, caption 2, ...]:
     (rows, columns) of each real token in the packed (images, length) sequences, in the captions' row order;
@@ -998,7 +1002,7 @@ def shared_prefix_loss(model, prefix, input_ids, attention_mask, labels, image_i
             ~allowed, torch.finfo(embeds.dtype).min)
     else:
         mask = allowed
-    core = model.lm.get_base_model() if hasattr(model.lm, "get_base_model") else model.lm
+    core = causal_lm(model.lm)
     hidden = core.base_model(inputs_embeds=embeds, attention_mask=mask.unsqueeze(1), position_ids=position_ids,
                              use_cache=False).last_hidden_state
     logits = core.get_output_embeddings()(hidden[rows, sources])  # only where a caption token is predicted
@@ -1246,8 +1250,7 @@ def prefilled_cache(lm, prefix, mask, beams):
     out = lm(inputs_embeds=prefix[:, :-1], attention_mask=mask[:, :-1], use_cache=True, logits_to_keep=1)
     cache = out["cache"] if "cache" in out else out["past_key_values"]  # 5.24 renamed past_key_values to cache
     cache.batch_repeat_interleave(beams)  # generate() orders beams image by image
-    core = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
-    return {"cache" if "cache" in inspect.signature(core.forward).parameters else "past_key_values": cache}
+    return {"cache" if "cache" in inspect.signature(causal_lm(lm).forward).parameters else "past_key_values": cache}
 
 
 def merge_lora(model):
@@ -1473,6 +1476,13 @@ def fold_trained_weights(model, weights, config):
     model.projection.load_state_dict(weights["projection"])
 
 
+def checkpoint_config(state, vit_model=None, gpt2_model=None):
+    """A checkpoint's model config, with vit_model / gpt2_model (other copies of its base models) in place of
+    the names it holds when given."""
+    return {**state["config"], "vit_model": vit_model or state["config"]["vit_model"],
+            "gpt2_model": gpt2_model or state["config"]["gpt2_model"]}
+
+
 def rebuild_from_checkpoint(state, device, vit_model=None, gpt2_model=None, announce=lambda step: None,
                             quantize="auto"):
     """(model, tokenizer, processor) of a loaded checkpoint, ready to caption: rebuilt from its own config
@@ -1480,9 +1490,7 @@ def rebuild_from_checkpoint(state, device, vit_model=None, gpt2_model=None, anno
     gives on `device`, whatever precision it was trained in (the LoRA weights have the same names and shapes
     either way), trained weights loaded: in 4-bit beside the weights, in full precision folded into them
     (fold_trained_weights). announce(1..4) is called before each stage."""
-    config = dict(state["config"])
-    config["vit_model"] = vit_model or config["vit_model"]
-    config["gpt2_model"] = gpt2_model or config["gpt2_model"]
+    config = checkpoint_config(state, vit_model, gpt2_model)
     four_bit, _ = choose_precision(device, quantize)
     model, tokenizer, processor, config = build_model(config, device, announce, quantize, wrap_lora=four_bit)
     announce(4)
@@ -1624,6 +1632,8 @@ def meteor_score(gts, res):
 
 
 GALLERY_THUMBNAIL = 256  # longest side of the images embedded in a gallery page, in pixels
+# Near the top of every page Img2GPT writes: --html writes over no file without it.
+GALLERY_MARK = '<meta name="generator" content="Img2GPT">'
 # The card layout, shared by the pages and the web page's gallery tab.
 GALLERY_STYLE = """
 #cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(280px, 1fr)); gap: 1em; }
@@ -1636,7 +1646,7 @@ GALLERY_STYLE = """
 .scores { font-size: .85em; color: #555; } .error { color: #b00; }
 """
 GALLERY_PAGE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><meta name="generator" content="Img2GPT">
+<html lang="en"><head><meta charset="utf-8">{mark}
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline';
  script-src 'unsafe-inline'">
 <title>{title}</title>
@@ -1727,24 +1737,24 @@ def write_gallery(path, title, cards, scores=None):
     sorting = ('<label>Sort <select id="order"><option value="worst">worst CIDEr first</option>'
                '<option value="best">best CIDEr first</option></select></label>') if scores else ""
     page = GALLERY_PAGE.format(title=escape(title), summary=summary, sorting=sorting, cards="\n".join(cards),
-                               style=GALLERY_STYLE)
+                               style=GALLERY_STYLE, mark=GALLERY_MARK)
     write_atomically(path, lambda file: file.write(page.encode("utf-8")))
 
 
-def evaluation_gallery(path, report, per_image, image_dir, failures=None):
-    """eval_<checkpoint>.html beside its JSON: the scores, then a card per test image, worst CIDEr first."""
-    from concurrent.futures import ThreadPoolExecutor
+def open_keeping_thumbnail(open_image, thumbnails, source):
+    """open_image(source), keeping a thumbnail of it in thumbnails[source] for a gallery page: each image is read
+    once, for its caption and its card."""
+    image = open_image(source)
+    thumbnails[source] = thumbnail_uri(lambda _: image.copy(), source)
+    return image
 
-    def open_local(name):
-        return load_image(Path(image_dir) / name)
 
-    entries = report["captions"]
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        thumbnails = list(pool.map(partial(thumbnail_uri, open_local), [e["image"] for e in entries]))
-    cards = [gallery_card(e["image"], thumb, e["generated"], e["references"], per_image.get(e["image"]),
-                          (failures or {}).get(e["image"])) for e, thumb in zip(entries, thumbnails)]
-    cards = [card for _, card in sorted(zip([per_image.get(e["image"], {}).get("CIDEr", 0) for e in entries], cards),
-                                        key=lambda pair: pair[0])]  # worst first, also without JavaScript
+def evaluation_gallery(path, report, thumbnails, failures):
+    """eval_<checkpoint>.html beside its JSON: the scores, then a card per test image, worst CIDEr first (also
+    without JavaScript)."""
+    entries = sorted(report["captions"], key=lambda entry: entry["CIDEr"])
+    cards = [gallery_card(e["image"], thumbnails.get(e["image"]), e["generated"], e["references"],
+                          {"CIDEr": e["CIDEr"], "Bleu_4": e["Bleu_4"]}, failures.get(e["image"])) for e in entries]
     scores = {k: v for k, v in report.items() if isinstance(v, float)}
     write_gallery(path, f"Img2GPT evaluation: {report['checkpoint']} ({report['split']}, {len(entries)} test images)",
                   cards, scores)
@@ -1761,9 +1771,9 @@ def evaluate_on_test(model, tokenizer, processor, data, cfg, checkpoint_name, pa
     references = data.captions[data.captions["image_name"].isin(set(names))].groupby("image_name")["caption"]
     references = {name: list(captions) for name, captions in references}
     decoding = decoding_settings(cfg)
-    predictions = {}
-    results = caption_sources(model, tokenizer, processor, names, lambda n: load_image(Path(data.image_dir) / n),
-                              cfg.batch_size, decoding)
+    predictions, thumbnails = {}, {}
+    opener = partial(open_keeping_thumbnail, lambda name: load_image(Path(data.image_dir) / name), thumbnails)
+    results = caption_sources(model, tokenizer, processor, names, opener, cfg.batch_size, decoding)
     failures = {}
     for name, caption in tqdm(results, total=len(names), desc="captioning the test split"):
         predictions[name] = "" if isinstance(caption, Exception) else caption  # unreadable now: scores zero
@@ -1787,7 +1797,7 @@ def evaluate_on_test(model, tokenizer, processor, data, cfg, checkpoint_name, pa
         path = evaluation_path(Path(path).parent, checkpoint_name, identity, say=lambda _: None)
     write_atomically(path, lambda file: file.write(json.dumps(report, indent=2).encode("utf-8")))
     gallery = Path(path).with_suffix(".html")
-    evaluation_gallery(gallery, report, per_image, data.image_dir, failures)
+    evaluation_gallery(gallery, report, thumbnails, failures)
     print(f"\nWrote {path} and {gallery.name} (open it in a browser: every test image beside its captions)")
     return scores
 
@@ -1797,12 +1807,11 @@ def evaluate_checkpoint(cfg):
     checked and chosen before anything slow."""
     state = load_checkpoint(cfg.evaluate)
     device = resolve_device(cfg.device_choice)
-    config = dict(state["config"])
     # --vit-model / --gpt2-model, when set, name other copies of the base models (e.g. local folders).
     vit_model = cfg.vit_model_name if cfg.vit_model_name != VIT_MODEL_NAME else None
     gpt2_model = cfg.gpt2_model_name if cfg.gpt2_model_name != GPT2_MODEL_NAME else None
-    config.update({key: name for key, name in (("vit_model", vit_model), ("gpt2_model", gpt2_model)) if name})
-    check_context(config, max_new_tokens=cfg.max_new_tokens, aliases=FLAG_ALIASES)
+    check_context(checkpoint_config(state, vit_model, gpt2_model), max_new_tokens=cfg.max_new_tokens,
+                  aliases=FLAG_ALIASES)
     output_dir = require_writable_dir(cfg.output_dir)
     checkpoint_name = Path(cfg.evaluate).stem
     identity = checkpoint_identity(cfg.evaluate, state)
@@ -2464,13 +2473,12 @@ def interrupted_advice(cfg, run):
         return (f"interrupted during the test-split evaluation: every epoch is trained and saved; score the last "
                 f"one with --evaluate {last}")
     instead = " instead of --overwrite" if cfg.overwrite else ""
-    resumed = run is not None and cfg.resume_from and Path(cfg.resume_from).parent.resolve() != folder.resolve()
-    if resumed and not (folder / "img2gpt_last.pth").is_file():  # continuing another folder's run: not saved here
-        return f"interrupted before the first save in '{folder}': run the same command again to continue from " \
-               f"{cfg.resume_from}"
-    if (folder / "img2gpt_last.pth").is_file():
-        return (f"interrupted: run the same command with --resume auto{instead} to continue from "
-                f"{folder / 'img2gpt_last.pth'}")
+    last = folder / "img2gpt_last.pth"
+    if last.is_file():
+        return f"interrupted: run the same command with --resume auto{instead} to continue from {last}"
+    if run is not None and cfg.resume_from and Path(cfg.resume_from).is_file():  # another folder's, not saved here
+        return (f"interrupted before the first save in '{folder}': run the same command again to continue from "
+                f"{cfg.resume_from}")
     if (folder / "training_log.jsonl").is_file():
         return (f"interrupted before the first save (every --save-interval batches): run the same command with "
                 f"--resume auto{instead} to start again")

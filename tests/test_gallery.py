@@ -135,9 +135,12 @@ def test_html_never_writes_over_a_file_it_did_not_write(evaluated, flickr_dir, t
     run = ["--weights", checkpoint, "--device", "cpu", "--max-new-tokens", "4", "--image", image, "--html"]
     before = checkpoint.read_bytes()
     for target, reason in ((checkpoint, "does not end in .html"), (tmp_path / "notes.html", "Img2GPT did not write"),
-                           (tmp_path / "a_file" / "page.html", "--html's folder"), (tmp_path, "is a folder")):
+                           (tmp_path / "a_file" / "page.html", "--html's folder"), (tmp_path, "is a folder"),
+                           (tmp_path / "pipe.html", "Img2GPT did not write")):
         if target.name == "notes.html":
             target.write_text("<html>my own notes</html>")
+        if target.name == "pipe.html":
+            os.mkfifo(target)  # never opened: reading it would wait forever
         if target.name == "page.html":
             target.parent.write_text("a file where a folder belongs")
         code, out, err = cli(capsys, inference_script, *run, target)
