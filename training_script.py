@@ -40,7 +40,11 @@ NUM_WORKERS = 2  # DataLoader worker processes decoding images (0: decode in the
 
 # --- Data -----------------------------------------------------------------------------------------
 KAGGLE_DATASET = "hsankesara/flickr-image-dataset"  # Kaggle handle downloaded with kagglehub (Flickr8k: adityajn105/flickr8k)
-DATA_DIR = None  # folder of captioned images in any layout README "Your own data" lists; None: download KAGGLE_DATASET
+DATA_DIR = None  # captioned images (any layout README "Your own data" lists) or WebDataset .tar shards; None: download
+HF_DATASET = None  # a Hugging Face dataset to train on instead: a Hub name or a local folder of parquet/arrow files
+IMAGE_COLUMN = None  # HF_DATASET's image column; None: the column of Image type
+CAPTION_COLUMN = None  # HF_DATASET's caption column (a string or a list of strings); None: found by name and type
+REQUEST_TIMEOUT = 30.0  # seconds a shard URL may send nothing before that shard is left out
 KARPATHY_SPLIT_FILE = "auto"  # "auto": the data's own split, else Karpathy's standard one (downloaded); a dataset_*.json path; "none": seeded
 ALLOW_OUTSIDE_DATA_DIR = False  # True: caption files may name images outside DATA_DIR (../, absolute paths, links out)
 OUTPUT_DIR = "."  # where img2gpt_epoch_N.pth and training_log.jsonl are written
@@ -104,6 +108,14 @@ CHECKPOINT_FORMAT = "img2gpt-v1"
 # How an epoch's batches are formed (EpochBatchSampler): whole images, their captions together. Saved with the
 # training state, so that a resume of a run saved by the version that shuffled caption rows one by one says so.
 BATCH_ORDER = "images"
+# Image members of a WebDataset sample, as img2dataset writes them (KEY.jpg, KEY.txt, KEY.json).
+SHARD_IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
+# Samples shuffled together within a shard or file: a bounded buffer, so memory never grows with the data.
+SHUFFLE_BUFFER = 256
+# Caption columns of a Hugging Face dataset, by name, when --caption-column is not given.
+HF_CAPTION_COLUMNS = ("caption", "captions", "text", "sentences", "raw", "alt_text", "txt")
+# Names of left-out samples kept per shard for the log (all are counted).
+LEFT_OUT_NAMES_PER_UNIT = 100
 # The caption layouts DATA_DIR may hold, recognised by content (sniff_layout), in order of preference.
 LAYOUTS = {
     "imagefolder": "metadata.jsonl or metadata.csv with file_name and text/caption (Hugging Face imagefolder)",
@@ -188,6 +200,7 @@ TRAINING_RULES = {
     **DECODING_RULES,
     "save_interval": (at_least(0), "0 (epoch ends only) or more"),
     "max_bad_batches": (at_least(1), "1 or more"),
+    "request_timeout": (positive_finite, "a number of seconds above 0"),
 }
 
 
@@ -803,7 +816,7 @@ class CaptionDataset(torch.utils.data.Dataset):
     {pixel_values (images, 3, H, W), captions, image_index (which image each caption describes)}; an image that
     fails to decode leaves its captions out, and a batch with none left is None."""
 
-    def __init__(self, rows, image_dir, processor):
+    def __init__(self, rows, open_image, processor):
         by_image = {}
         for name, caption in rows:
             by_image.setdefault(name, []).append(caption)
@@ -812,7 +825,7 @@ class CaptionDataset(torch.utils.data.Dataset):
         for captions in by_image.values():
             self.groups.append(list(range(first, first + len(captions))))
             first += len(captions)
-        self.image_dir = Path(image_dir)
+        self.open_image = open_image
         self.processor = processor
 
     def __len__(self):
@@ -820,7 +833,7 @@ class CaptionDataset(torch.utils.data.Dataset):
 
     def pixels(self, name):
         try:
-            return preprocess(self.processor, [load_image(self.image_dir / name)])[0]
+            return preprocess(self.processor, [self.open_image(name)])[0]
         except IMAGE_ERRORS as exc:  # passed the up-front check (e.g. a JPEG cut short): left out here, by name
             print(f"Left out {name}: not a decodable image ({type(exc).__name__}: {exc})", file=sys.stderr)
             return None
@@ -854,19 +867,22 @@ def tokenize_captions(tokenizer, captions, max_tokens):
 
 
 def collate_batch(batch, tokenizer, max_tokens):
-    """The model's inputs for a batch from CaptionDataset.__getitems__ (None stays None)."""
-    if batch is None:
-        return None
+    """The model's inputs for a batch from CaptionDataset.__getitems__ or StreamBatches, with a stream batch's
+    `keys` and `where` beside them (None, or a stream batch with no captions, stays as it is)."""
+    if batch is None or "captions" not in batch:
+        return batch
     return {"pixel_values": batch["pixel_values"], "image_index": batch["image_index"],
-            **tokenize_captions(tokenizer, batch["captions"], max_tokens)}
+            **tokenize_captions(tokenizer, batch["captions"], max_tokens),
+            **{key: batch[key] for key in ("keys", "where") if key in batch}}
 
 
-def make_datasets(captions, splits, image_dir, processor):
-    """A CaptionDataset of every caption row of the train and of the val images."""
-    datasets = {}
-    for split in ("train", "val"):
-        rows = captions[captions["image_name"].isin(set(splits[split]))]
-        datasets[split] = CaptionDataset(zip(rows["image_name"], rows["caption"]), image_dir, processor)
+def make_datasets(data, processor):
+    """A CaptionDataset of every caption row of the train and of the val images; streamed data trains from
+    StreamBatches (made per epoch by make_loader) and keeps only its held-out validation rows here."""
+    datasets = {"train": None}
+    for split in ("val",) if data.stream else ("train", "val"):
+        rows = data.captions[data.captions["image_name"].isin(set(data.splits[split]))]
+        datasets[split] = CaptionDataset(zip(rows["image_name"], rows["caption"]), data.open_image, processor)
     return datasets
 
 
@@ -895,7 +911,11 @@ class EpochBatchSampler(torch.utils.data.Sampler):
 
 def make_loader(dataset, tokenizer, cfg, epoch=None, start=0, rank=0, world=1):
     """Training batches in the seeded order of `epoch` from batch `start` on; validation (epoch None) in order.
-    Each of `world` processes gets its own share."""
+    Each of `world` processes gets its own share. A StreamBatches dataset (streamed data) batches itself."""
+    collate = partial(collate_batch, tokenizer=tokenizer, max_tokens=cfg.max_caption_tokens)
+    if isinstance(dataset, StreamBatches):
+        return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers, collate_fn=collate,
+                                           pin_memory=torch.cuda.is_available())
     if epoch is None:
         everything = torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(dataset), cfg.batch_size, False)
         sampler = list(everything)[rank::world]
@@ -905,8 +925,450 @@ def make_loader(dataset, tokenizer, cfg, epoch=None, start=0, rank=0, world=1):
     # so a resumed run's dropout masks continue exactly where the saved RNG state left them.
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(),
-        collate_fn=partial(collate_batch, tokenizer=tokenizer, max_tokens=cfg.max_caption_tokens),
-        generator=torch.Generator().manual_seed(cfg.seed))
+        collate_fn=collate, generator=torch.Generator().manual_seed(cfg.seed))
+
+
+# --- Streamed data: WebDataset shards and Hugging Face datasets -----------------------------------
+# Data that outgrows a folder is read as streams of samples from units (one tar shard, or one file of a Hugging
+# Face dataset), never unpacked to disk: one counting pass learns how many caption rows each unit holds for
+# training and keeps the few held-out validation and test samples in memory; each epoch every (process, worker)
+# slot reads its own units and cuts their rows into the batches planned for it, so memory stays bounded.
+def stream_kind(cfg):
+    """"huggingface" (--hf-dataset), "webdataset" (--data-dir names .tar shards) or None (a folder of images)."""
+    if cfg.hf_dataset:
+        return "huggingface"
+    spec = str(cfg.data_dir or "")
+    if ".tar" in spec and not Path(spec).is_dir():  # a shard, a brace pattern or a URL
+        return "webdataset"
+    return "webdataset" if spec and Path(spec).is_dir() and any(Path(spec).glob("*.tar")) else None
+
+
+def is_url(text):
+    return re.match(r"https?://", str(text)) is not None
+
+
+def stream_error(exc):
+    """An exception met reading a unit, in one short line (webdataset appends the stream object to its args)."""
+    reason = str(exc.args[0]) if getattr(exc, "args", None) else str(exc)
+    reason = reason.split("\n")[0].split(" @ <")[0]
+    return f"{type(exc).__name__}: {reason[:160]}"
+
+
+class ShardSource:
+    """WebDataset tar shards as img2dataset writes them: KEY.jpg (or .png, .webp), KEY.txt (the caption) and
+    KEY.json (its `caption` when there is no .txt). The .parquet and _stats.json files beside them are not shards.
+    Local shards are read as files; http(s) ones as they arrive, a stall of `timeout` seconds ending the shard."""
+
+    def __init__(self, spec, timeout):
+        from webdataset.shardlists import expand_urls
+
+        self.spec, self.timeout = str(spec), timeout
+        folder = Path(self.spec)
+        self.units = sorted(map(str, folder.glob("*.tar"))) if folder.is_dir() else expand_urls(self.spec)
+        if not self.units:
+            raise Img2GPTError(f"--data-dir '{spec}' names no .tar shards: give a folder of them, a pattern such as "
+                               "/data/{00000..00099}.tar, or http(s) URLs")
+        self.has_split = False
+        self.describe, self.unit_word = f"{len(self.units):,} WebDataset shard(s) ({self.spec})", "shard"
+
+    def name(self, unit):
+        return Path(unit.split("?")[0]).stem
+
+    def samples(self, unit):
+        """(name, image bytes or None, captions, split None) of each sample of one shard, as webdataset groups
+        its members. A shard that cannot be read to its end raises after the samples before the damage."""
+        from webdataset.tariterators import group_by_keys, tar_file_expander
+
+        if is_url(unit):
+            import requests
+
+            stream = requests.get(unit, stream=True, timeout=self.timeout)  # timeout: per read, so a stall ends it
+            stream.raise_for_status()
+            stream.raw.decode_content = True
+            fileobj = stream.raw
+        else:
+            stream = fileobj = open(unit, "rb")
+        with stream:
+            for sample in group_by_keys(tar_file_expander([{"url": unit, "stream": fileobj}])):
+                image = next((sample[suffix] for suffix in SHARD_IMAGE_SUFFIXES if suffix in sample), None)
+                captions = []
+                if "txt" in sample:
+                    captions = [sample["txt"].decode("utf-8", "replace")]
+                elif "json" in sample:
+                    try:
+                        caption = json.loads(sample["json"]).get("caption")
+                    except (ValueError, AttributeError):
+                        caption = None
+                    captions = caption if isinstance(caption, list) else [caption]
+                yield f"{self.name(unit)}/{sample['__key__']}", image, captions, None
+
+
+class HubSource:
+    """A Hugging Face dataset (a Hub name, or a local folder of parquet/arrow files or one save_to_disk wrote),
+    streamed file by file. Its image column is the one of Image type and its caption column is found by name and
+    type, unless given; its own split (named splits, or a `split` column) is used when it has one."""
+
+    def __init__(self, name, image_column=None, caption_column=None):
+        import datasets
+
+        self.describe, self.unit_word = f"Hugging Face dataset '{name}'", "file"
+        try:
+            folder = Path(name)
+            if folder.is_dir() and any((folder / marker).is_file() for marker in ("state.json", "dataset_dict.json")):
+                saved = datasets.load_from_disk(str(folder))
+                saved = saved if isinstance(saved, datasets.DatasetDict) else {"train": saved}
+                splits = {split: part.to_iterable_dataset(num_shards=max(1, min(64, len(part) // 1000)))
+                          for split, part in saved.items()}
+            else:
+                splits = dict(datasets.load_dataset(str(name), streaming=True))
+            splits = {split: part if part.features else part._resolve_features() for split, part in splits.items()}
+        except Img2GPTError:
+            raise
+        except Exception as exc:  # not found, offline, not a dataset: the library's reason, in one line
+            raise Img2GPTError(f"cannot read Hugging Face dataset '{name}' ({stream_error(exc)}): give a Hub name "
+                               "such as nlphuji/flickr30k or a local folder of parquet/arrow files") from None
+        features = next(iter(splits.values())).features
+        self.image_column = self.column(name, features, image_column, "--image-column",
+                                        [c for c, f in features.items() if isinstance(f, datasets.Image)], "image")
+        texts = [c for c, f in features.items() if c not in ("split", self.image_column) and is_text_feature(f)]
+        preferred = [c for c in HF_CAPTION_COLUMNS if c in texts] or (texts if len(texts) == 1 else [])
+        self.caption_column = self.column(name, features, caption_column, "--caption-column", preferred, "caption")
+        named = {split: normalise_split(split) for split in splits}
+        self.split_column = "split" if "split" in features and "split" != self.caption_column else None
+        self.has_split = bool({"val", "test"} & set(named.values())) or self.split_column is not None
+        self.splits, self.named = splits, named
+        self.units = [(split, index) for split, part in splits.items() for index in range(part.n_shards)]
+
+    @staticmethod
+    def column(name, features, given, flag, candidates, what):
+        if given:
+            if given not in features:
+                raise Img2GPTError(f"{flag} '{given}' is not a column of '{name}' (columns: {', '.join(features)})")
+            return given
+        if candidates:
+            return candidates[0]
+        raise Img2GPTError(f"cannot tell which column of '{name}' holds the {what}s (columns: {', '.join(features)})"
+                           f": pass {flag} NAME")
+
+    def name(self, unit):
+        return f"{unit[0]}-{unit[1]:05d}"
+
+    def samples(self, unit):
+        import datasets
+
+        split, index = unit
+        part = self.splits[split]
+        part = part.shard(num_shards=part.n_shards, index=index)
+        part = part.cast_column(self.image_column, datasets.Image(decode=False))  # bytes: decoded in the workers
+        # .iter, not iter(): inside a DataLoader worker iter() would split the unit again among the workers.
+        rows = ({column: values[k] for column, values in batch.items()}
+                for batch in part.iter(batch_size=64) for k in range(len(next(iter(batch.values())))))
+        for number, row in enumerate(rows):
+            image = row[self.image_column] or {}
+            data = image.get("bytes") if isinstance(image, dict) else None
+            if data is None and isinstance(image, dict) and image.get("path") and Path(image["path"]).is_file():
+                data = Path(image["path"]).read_bytes()
+            captions = row[self.caption_column]
+            captions = captions if isinstance(captions, list) else [captions]
+            if self.split_column:
+                row_split = normalise_split(row[self.split_column])
+            else:
+                row_split = self.named[split] if self.has_split else None
+            yield f"{self.name(unit)}/{number}", data, captions, row_split
+
+
+def is_text_feature(feature):
+    """A string column, or a list of strings (several captions per image)."""
+    import datasets
+
+    inner = getattr(feature, "feature", None)
+    if inner is not None and not isinstance(feature, datasets.Value):
+        return is_text_feature(inner)
+    return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+
+
+def make_source(cfg):
+    if stream_kind(cfg) == "huggingface":
+        return HubSource(cfg.hf_dataset, cfg.image_column, cfg.caption_column)
+    return ShardSource(cfg.data_dir, cfg.request_timeout)
+
+
+def sample_problem(image, captions):
+    """(None, the sample's cleaned captions), or (what makes it untrainable, []). The image is identified from its
+    header, not decoded (that happens in the DataLoader workers, once per epoch)."""
+    captions = list(dict.fromkeys(c for c in (clean_caption(text) for text in captions if text is not None) if c))
+    if image is None:
+        return "no image", []
+    if not captions:
+        return "no caption", []
+    try:
+        with Image.open(io.BytesIO(image)):
+            pass
+    except IMAGE_ERRORS:
+        return "not an image", []
+    return None, captions
+
+
+def key_hash(seed, name):
+    """A sample's place in the held-out order: a hash of the seed and its name, the same on every machine."""
+    import hashlib
+
+    return hashlib.sha1(f"{seed}:{name}".encode("utf-8")).hexdigest()
+
+
+class HeldOut:
+    """The samples with the smallest key hashes seen so far in each held-out pool, at most `size` each: what
+    validation and test will be once the counting pass ends, in bounded memory. Fed from several threads."""
+
+    def __init__(self, sizes):
+        import threading
+
+        self.sizes, self.pools, self.lock = sizes, {pool: [] for pool in sizes}, threading.Lock()
+
+    def offer(self, pool, seed, name, unit, image, captions):
+        import heapq
+
+        if self.sizes.get(pool, 0) <= 0:
+            return
+        item = (-int(key_hash(seed, name), 16), name, unit, image, captions)  # heapq's min-heap: the largest hash
+        with self.lock:
+            heap = self.pools[pool]
+            if len(heap) < self.sizes[pool]:
+                heapq.heappush(heap, item)
+            elif item > heap[0]:
+                heapq.heapreplace(heap, item)
+
+    def taken(self, pool):
+        """(name, unit, image, captions) of the pool, smallest hash first."""
+        return [item[1:] for item in sorted(self.pools[pool], reverse=True)]
+
+
+def count_unit(source, unit, held, seed):
+    """One unit's part of the counting pass: its caption rows by split, the held-out candidates it offers, what
+    it leaves out by name, and the error that ended it early, if any."""
+    from collections import Counter
+
+    rows, samples, left_out, bad, error = Counter(), Counter(), [], 0, None
+    try:
+        for name, image, captions, split in source.samples(unit):
+            problem, captions = sample_problem(image, captions)
+            if not problem and split not in (None, "train", "val", "test"):
+                problem = f"split '{split}'"
+            if problem:
+                bad += 1
+                if len(left_out) < LEFT_OUT_NAMES_PER_UNIT:
+                    left_out.append((name, problem))
+                continue
+            rows[split] += len(captions)
+            samples[split] += 1
+            held.offer("held" if split is None else split, seed, name, unit, image, captions)
+    except Exception as exc:  # a truncated tar, a 404, a stall, a file that is not parquet: the unit's problem
+        error = stream_error(exc)
+    return {"rows": rows, "samples": samples, "left_out": left_out, "bad": bad, "error": error}
+
+
+def index_stream(cfg, main=True):
+    """The counting pass over every unit, in threads (reading is I/O): caption rows for training per unit, the
+    held-out validation and test samples (in memory), and what was left out. Sized like split_by_image: at most
+    VAL_IMAGES / TEST_IMAGES, and 10% each of a small dataset."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    source = make_source(cfg)
+    sizes = ({"val": cfg.val_images, "test": cfg.test_images} if source.has_split
+             else {"held": cfg.val_images + cfg.test_images})
+    held = HeldOut(sizes)
+    if main:
+        print(f"Counting the samples of {source.describe}: one pass over the data (images are checked, not decoded)")
+    pool = ThreadPoolExecutor(max_workers=8)
+    try:
+        counted = list(tqdm(pool.map(lambda unit: count_unit(source, unit, held, cfg.seed), source.units),
+                            total=len(source.units), desc="counting samples", unit="unit", disable=not main))
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+    broken = [(source.name(unit), c["error"]) for unit, c in zip(source.units, counted) if c["error"]]
+    left_out = [f"{name}: {problem}" for c in counted for name, problem in c["left_out"]]
+    left_out += [f"{name} (from there on): {error}" for name, error in broken]
+    total = sum(c["samples"][split] for c in counted for split in (None, "train", "val", "test"))
+    if total == 0:
+        example = f" (e.g. {left_out[0]})" if left_out else ""
+        raise Img2GPTError(f"nothing could be read from {source.describe}{example}: check the path or URL and that "
+                           "the samples hold an image and a caption")
+    if source.has_split:
+        val, test = held.taken("val"), held.taken("test")
+        split_name = "the data's own split"
+    else:
+        n_val = min(cfg.val_images, max(1, total // 10)) if total >= 3 else 0
+        n_test = min(cfg.test_images, max(1, total // 10)) if total >= 3 else 0
+        taken = held.taken("held")
+        val, test = taken[:n_val], taken[n_val:n_val + n_test]
+        split_name = f"held out by a hash of each sample's key (seed {cfg.seed})"
+    held_names = {name for name, *_ in val + test}
+    train_rows = [c["rows"]["train"] + c["rows"][None] for c in counted]
+    train_samples = sum(c["samples"]["train"] + c["samples"][None] for c in counted)
+    for name, unit, _, captions in val + test:
+        if not source.has_split:  # hashed out of training: its rows leave its unit's count
+            train_rows[source.units.index(unit)] -= len(captions)
+            train_samples -= 1
+    rows = [(name, caption, split) for split, part in (("val", val), ("test", test))
+            for name, _, _, captions in part for caption in captions]
+    import pandas as pd
+
+    captions = pd.DataFrame(rows, columns=["image_name", "caption", "split"])
+    if main:
+        print(f"Data: {source.describe}, {total:,} samples; training on {train_samples:,} images "
+              f"({sum(train_rows):,} captions) in {sum(r > 0 for r in train_rows):,} {source.unit_word}(s)")
+        if broken:
+            print(f"Left out {len(broken)} of {len(source.units)} {source.unit_word}(s) from where they could not be "
+                  f"read (e.g. {broken[0][0]}: {broken[0][1]})")
+        bad = sum(c["bad"] for c in counted)
+        if bad:
+            print(f"Left out {bad:,} samples without an image, a caption or a known split (e.g. {left_out[0]})")
+    plan = types.SimpleNamespace(source=source, units=source.units, train_rows=train_rows, held=held_names)
+    digest = short_digest(f"{source.name(unit)}:{count}" for unit, count in zip(source.units, train_rows))
+    return types.SimpleNamespace(
+        captions=captions, image_dir=None, left_out=left_out, split_name=split_name, layout=stream_kind(cfg),
+        splits={"train": [], "val": [name for name, *_ in val], "test": [name for name, *_ in test]},
+        open_image=partial(image_from_bytes, {name: image for name, _, image, _ in val + test}),
+        caption_files=[source.describe], skipped_rows=0, unknown_splits={}, stream=plan,
+        train_images=train_samples, train_captions=sum(train_rows),
+        train_split={"images": train_samples, "sha256": digest})
+
+
+def short_digest(lines):
+    """A short fingerprint of some lines of text."""
+    import hashlib
+
+    return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()[:16]
+
+
+def image_from_bytes(images, name):
+    return load_image(io.BytesIO(images[name]))
+
+
+def image_in_folder(folder, name):
+    return load_image(Path(folder) / name)
+
+
+def deal_units(train_rows, world, workers):
+    """Which units each (process, worker) slot reads, slot = rank * workers + worker, fixed for the run (so every
+    epoch has as many batches): units dealt to processes, then to each process's workers, each unit to the one
+    holding the fewest caption rows so far, largest first. Units with no training rows are dealt to none."""
+    def deal(units, bins):
+        dealt, load = [[] for _ in range(bins)], [0] * bins
+        for unit in sorted(units, key=lambda u: (-train_rows[u], u)):
+            least = min(range(bins), key=lambda b: (load[b], b))
+            dealt[least].append(unit)
+            load[least] += train_rows[unit]
+        return dealt
+
+    per_process = deal([u for u, rows in enumerate(train_rows) if rows > 0], world)
+    return [slot for units in per_process for slot in deal(units, workers)]
+
+
+def batch_sizes(slot_rows, batch_size, world, workers):
+    """The caption rows of each batch of each slot: at most batch_size, and the same number of batches (steps) for
+    every process, so data-parallel processes step in lockstep and every row is trained once per epoch. A process
+    with fewer rows takes more, smaller batches; each slot's batches differ in size by one at most."""
+    counts = [-(-rows // batch_size) for rows in slot_rows]
+    steps = max(sum(counts[r * workers:(r + 1) * workers]) for r in range(world))
+    for rank in range(world):
+        slots = range(rank * workers, (rank + 1) * workers)
+        while sum(counts[s] for s in slots) < steps:
+            room = [s for s in slots if slot_rows[s] > counts[s]]
+            if not room:
+                raise Img2GPTError(f"the shards cannot be shared by {world} processes: process {rank} would hold "
+                                   f"{sum(slot_rows[s] for s in slots)} caption rows for {steps} steps; use fewer "
+                                   "processes, or the data in more shards of similar size")
+            fullest = max(room, key=lambda s: (slot_rows[s] / counts[s] if counts[s] else math.inf, -s))
+            counts[fullest] += 1
+    return [[rows // count + (k < rows % count) for k in range(count)] for rows, count in zip(slot_rows, counts)]
+
+
+class StreamBatches(torch.utils.data.IterableDataset):
+    """This process's training batches of one epoch from streamed units. Slot (rank, worker) reads its own units in
+    an order fixed by (seed, epoch), each through a seeded shuffle buffer, and cuts their rows into its planned
+    batches; `progress` (batches each slot already trained) makes a resumed run start each slot where it stopped,
+    skipping whole units unread and the rest undecoded. A batch is {pixel_values, captions, image_index, keys,
+    where: (slot, number)}; one whose images all fail to decode, or that a unit cut short leaves empty, holds only
+    `where`."""
+
+    def __init__(self, plan, processor, batch_size, seed, epoch, rank=0, world=1, workers=1, progress=None):
+        self.plan, self.processor, self.seed, self.epoch = plan, processor, seed, epoch
+        self.slots = deal_units(plan.train_rows, world, workers)
+        self.sizes = batch_sizes([sum(plan.train_rows[u] for u in units) for units in self.slots], batch_size,
+                                 world, workers)
+        self.mine = list(range(rank * workers, (rank + 1) * workers))
+        self.progress = list(progress) if progress else [0] * (world * workers)
+
+    def __len__(self):
+        return sum(len(self.sizes[slot]) - self.progress[slot] for slot in self.mine)
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        for slot in [self.mine[info.id]] if info else self.mine:
+            yield from self.slot_batches(slot)
+
+    def slot_batches(self, slot):
+        import itertools
+
+        sizes, done = self.sizes[slot], self.progress[slot]
+        rows = self.slot_rows(slot, skip=sum(sizes[:done]))
+        for number in range(done, len(sizes)):
+            yield self.batch(list(itertools.islice(rows, sizes[number])), (slot, number))
+
+    def slot_rows(self, slot, skip):
+        """(name, image bytes, caption) of the slot's training rows in this epoch's order, from row `skip` on."""
+        units = list(self.slots[slot])
+        random.Random(f"{self.seed}:{self.epoch}:{slot}").shuffle(units)
+        for unit in units:
+            if skip >= self.plan.train_rows[unit]:
+                skip -= self.plan.train_rows[unit]
+                continue
+            for name, image, captions in self.unit_samples(unit):
+                for caption in captions:
+                    if skip:
+                        skip -= 1
+                        continue
+                    yield name, image, caption
+
+    def unit_samples(self, index):
+        """The training samples of unit `index` (what the counting pass counted for it), shuffled in a bounded
+        buffer."""
+        from webdataset.filters import shuffle
+
+        source, unit = self.plan.source, self.plan.units[index]
+
+        def trainable():
+            try:
+                for name, image, captions, split in source.samples(unit):
+                    problem, captions = sample_problem(image, captions)
+                    if not problem and split in (None, "train") and name not in self.plan.held:
+                        yield name, image, captions
+            except Exception as exc:  # counted and said by the counting pass; said again if new
+                print(f"Left out the rest of {source.name(unit)}: {stream_error(exc)}", file=sys.stderr)
+
+        seed = f"{self.seed}:{self.epoch}:{source.name(unit)}"
+        yield from shuffle(SHUFFLE_BUFFER, initial=SHUFFLE_BUFFER, seed=seed)(trainable())
+
+    def batch(self, rows, where):
+        images = {}  # name -> pixels, each image of the batch decoded once
+        for name, image, _ in rows:
+            if name not in images:
+                try:
+                    images[name] = preprocess(self.processor, [load_image(io.BytesIO(image))])[0]
+                except IMAGE_ERRORS as exc:
+                    print(f"Left out {name}: not a decodable image ({type(exc).__name__}: {exc})", file=sys.stderr)
+                    images[name] = None
+        images = {name: pixels for name, pixels in images.items() if pixels is not None}
+        kept = [(name, caption) for name, _, caption in rows if name in images]
+        if not kept:
+            return {"where": where}
+        position = {name: k for k, name in enumerate(images)}
+        return {"pixel_values": torch.stack(list(images.values())), "captions": [c for _, c in kept],
+                "image_index": torch.tensor([position[name] for name, _ in kept]), "keys": list(images),
+                "where": where}
 
 
 # --- Model ----------------------------------------------------------------------------------------
@@ -1772,7 +2234,7 @@ def evaluate_on_test(model, tokenizer, processor, data, cfg, checkpoint_name, pa
     references = {name: list(captions) for name, captions in references}
     decoding = decoding_settings(cfg)
     predictions, thumbnails = {}, {}
-    opener = partial(open_keeping_thumbnail, lambda name: load_image(Path(data.image_dir) / name), thumbnails)
+    opener = partial(open_keeping_thumbnail, data.open_image, thumbnails)
     results = caption_sources(model, tokenizer, processor, names, opener, cfg.batch_size, decoding)
     failures = {}
     for name, caption in tqdm(results, total=len(names), desc="captioning the test split"):
@@ -1866,9 +2328,10 @@ def new_tally():
     return {"loss_sum": 0.0, "loss_count": 0, "captions": 0, "seconds": 0.0}
 
 
-def training_state(run, epoch, step, tally):
+def training_state(run, epoch, step, tally, progress=None):
     """Everything besides the weights that a resumed run needs, as plain types and tensors."""
     return {"epoch": epoch, "step": step, "batch_size": run.cfg.batch_size, "seed": run.cfg.seed,
+            "stream_progress": progress, "stream_slots": max(1, run.cfg.num_workers) if run.data.stream else None,
             "processes": run.world, "settings": run.settings, "train_split": run.train_split,
             **tally, "optimizer": run.optimizer.state_dict(),
             "schedule": run.schedule, "scaler": run.scaler.state_dict(), "batch_order": BATCH_ORDER,
@@ -1877,10 +2340,16 @@ def training_state(run, epoch, step, tally):
 
 
 def save_last(run, epoch, step, tally=None):
-    """OUTPUT_DIR/img2gpt_last.pth: weights plus training state after `step` batches of `epoch`."""
+    """OUTPUT_DIR/img2gpt_last.pth: weights plus training state after `step` batches of `epoch`. Streamed data
+    saves how many batches each slot trained, gathered from every process (each knows its own)."""
+    progress = run.progress if run.data.stream and step else None
+    if progress and run.world > 1:
+        gathered = [None] * run.world
+        torch.distributed.all_gather_object(gathered, progress)
+        progress = [max(values) for values in zip(*gathered)]
     if run.main:
         save_checkpoint(run.output_dir / "img2gpt_last.pth", run.model, run.model_config,
-                        {"training_state": training_state(run, epoch, step, tally or new_tally()),
+                        {"training_state": training_state(run, epoch, step, tally or new_tally(), progress),
                          "run_id": run.run_id})
 
 
@@ -1919,10 +2388,7 @@ def make_scheduler(optimizer, plan, peak, step):
 
 def train_split_digest(splits):
     """A short fingerprint of the training images: a resume must see the same ones in the same order."""
-    import hashlib
-
-    names = "\n".join(sorted(splits["train"]))
-    return {"images": len(splits["train"]), "sha256": hashlib.sha256(names.encode("utf-8")).hexdigest()[:16]}
+    return {"images": len(splits["train"]), "sha256": short_digest(sorted(splits["train"]))}
 
 
 def check_resume(cfg, state, processes):
@@ -1937,6 +2403,10 @@ def check_resume(cfg, state, processes):
     if saved != (cfg.batch_size, cfg.seed, processes):
         raise Img2GPTError(f"resume with the run's own --batch-size {saved[0]}, --seed {saved[1]} and {saved[2]} "
                            "process(es): the batch order depends on them")
+    slots = train.get("stream_slots")
+    if slots and slots != max(1, cfg.num_workers):
+        raise Img2GPTError(f"resume with the run's own --num-workers {slots}: its shards are dealt to that many "
+                           "workers per process")
     config = dict(state["config"])
     fixed = {name: {**MODEL_CONFIG_DEFAULTS, **config}.get(name) for name in RESUME_FIXED}
     fixed["warmup_steps"] = train.get("settings", {}).get("warmup_steps", cfg.warmup_steps)
@@ -1983,6 +2453,7 @@ def restore_training_state(run, state):
     run.schedule_restarted = reached >= plan["total"] and run.schedule != plan  # epochs added to an ended run
     run.scheduler = make_scheduler(run.optimizer, run.schedule, run.cfg.learning_rate, reached)
     run.scaler.load_state_dict(train["scaler"])
+    run.progress = train.get("stream_progress")
     random.setstate(train["rng"]["python"])
     torch.set_rng_state(train["rng"]["torch"])
     if train["rng"]["cuda"] and torch.cuda.is_available():
@@ -2001,13 +2472,28 @@ def train_one_epoch(run, epoch, start_step=0, tally=None):
 
     cfg, model, optimizer = run.cfg, run.train_model, run.optimizer
     tally = tally or new_tally()
-    loader = make_loader(run.datasets["train"], run.tokenizer, cfg, epoch, start_step, run.rank, run.world)
+    dataset = run.datasets["train"]
+    if run.data.stream:  # each slot from where the interrupted run left it (a resume), else from its start
+        dataset = train_batches(run.data, run.processor, cfg, epoch, run.rank, run.world,
+                                run.progress if start_step else None)
+        run.progress = list(dataset.progress)
+    loader = make_loader(dataset, run.tokenizer, cfg, epoch, start_step, run.rank, run.world)
     model.train()
     bad_in_row = 0
     bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.num_epochs}", initial=start_step,
                total=start_step + len(loader), dynamic_ncols=True, disable=not run.main)
     started = time.perf_counter()  # the clock runs while the loader fetches the next batch
     for step, batch in enumerate(bar, start_step + 1):
+        keys = None
+        if batch is not None and "where" in batch:  # streamed: the slot's batch, now trained (or skipped)
+            slot, number = batch.pop("where")
+            run.progress[slot] = number + 1
+            keys = batch.pop("keys", None)
+            batch = batch if "input_ids" in batch else None
+        if not every_process_has(batch, run):  # all processes skip together: none waits for the others forever
+            if batch is not None:
+                run.log.write(type="skipped", epoch=epoch, step=step, reason="another process had no batch")
+            batch = None
         if batch is not None:  # None: every image of the batch failed to decode
             batch = {key: value.to(run.device, non_blocking=True) for key, value in batch.items()}
             with autocast(run.device, run.compute_dtype):
@@ -2024,7 +2510,8 @@ def train_one_epoch(run, epoch, start_step=0, tally=None):
                 tally["captions"] += len(batch["input_ids"])
                 elapsed = tally["seconds"] + time.perf_counter() - started
                 bar.set_postfix({"loss": f"{value:.4f}", "captions/s": f"{tally['captions'] / elapsed:.1f}"})
-                run.log.write(type="batch", epoch=epoch, step=step, loss=value, lr=optimizer.param_groups[0]["lr"])
+                run.log.write(type="batch", epoch=epoch, step=step, loss=value, lr=optimizer.param_groups[0]["lr"],
+                              **({"keys": keys} if keys else {}))
             else:
                 bad_in_row += 1
                 run.log.write(type="nonfinite", epoch=epoch, step=step, loss=str(value))
@@ -2042,6 +2529,15 @@ def train_one_epoch(run, epoch, start_step=0, tally=None):
             save_last(run, epoch, step, tally)
         started = time.perf_counter()
     return tally
+
+
+def every_process_has(batch, run):
+    """Whether every data-parallel process holds a batch for this step (with one process: whether it does)."""
+    if run.world == 1:
+        return batch is not None
+    flag = torch.tensor([0.0 if batch is None else 1.0], device=run.device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return flag.item() > 0
 
 
 def mean_over_processes(value, world):
@@ -2070,7 +2566,7 @@ def evaluate(run):
     return (total[0] / total[1]).item() if total[1] > 0 else None
 
 
-def sample_set(captions, names, image_dir, processor, count):
+def sample_set(captions, names, open_image, processor, count):
     """The fixed validation images captioned at every sample round (the first `count` of `names` that decode),
     with their first reference caption. One that passed the up-front check but does not decode is left out
     by name."""
@@ -2080,7 +2576,7 @@ def sample_set(captions, names, image_dir, processor, count):
         if len(chosen) == count:
             break
         try:
-            images.append(load_image(Path(image_dir) / name))
+            images.append(open_image(name))
             chosen.append(name)
         except IMAGE_ERRORS as exc:
             print(f"Left out sample image {name}: not a decodable image ({type(exc).__name__}: {exc})")
@@ -2090,8 +2586,10 @@ def sample_set(captions, names, image_dir, processor, count):
 
 
 def prepare_data(cfg, main=True):
-    """Captions of the usable images, their folder, and the split (Karpathy's when its file is given).
-    Only the main process of a data-parallel run reports."""
+    """Captions of the usable images, their folder, and the split (Karpathy's when its file is given); for
+    shards and Hugging Face datasets, their counting pass (index_stream). Only the main process reports."""
+    if stream_kind(cfg):
+        return index_stream(cfg, main)
     if cfg.karpathy_split_file not in ("auto", "none"):
         require_split_file(cfg.karpathy_split_file)  # before minutes of reading and checking images
     data_dir = Path(cfg.data_dir or download_dataset(cfg.kaggle_dataset))
@@ -2116,9 +2614,12 @@ def prepare_data(cfg, main=True):
         print(f"Left out {sum(unknown_splits.values()):,} images whose split is not train, val or test: "
               + ", ".join(f"'{name}' ({count:,})" for name, count in sorted(unknown_splits.items()))
               + f" (known spellings: {', '.join(sorted(SPLIT_NAMES))})")
+    train_rows = captions["image_name"].isin(set(splits["train"]))
     return types.SimpleNamespace(captions=captions, image_dir=image_dir, left_out=outside + left_out, splits=splits,
                                  split_name=split_name, layout=kind, caption_files=files, skipped_rows=skipped,
-                                 unknown_splits=unknown_splits)
+                                 unknown_splits=unknown_splits, open_image=partial(image_in_folder, image_dir),
+                                 stream=None, train_images=len(splits["train"]), train_captions=int(train_rows.sum()),
+                                 train_split=train_split_digest(splits))
 
 
 def require_writable_dir(output_dir, flag="--output-dir"):
@@ -2235,22 +2736,37 @@ def prepare_run(cfg, held):
     model_config = check_resume(cfg, resume, state.num_processes) if resume else model_config_from(cfg)
     check_context(model_config, cfg.max_caption_tokens, cfg.max_new_tokens, FLAG_ALIASES)
 
-    with state.main_process_first():  # the main process downloads; the others then find the cached copy
-        data = prepare_data(cfg, main=state.is_main_process)
-    captions, image_dir, splits = data.captions, data.image_dir, data.splits
-    if not splits["train"]:
-        raise Img2GPTError(f"too few images to train on ({len(set(captions['image_name']))})")
-    train_split = train_split_digest(splits)
+    if stream_kind(cfg) and state.num_processes > 1:  # one counting pass, its result sent to the others
+        data = [None]
+        if state.is_main_process:
+            try:
+                data = [prepare_data(cfg)]
+            except Img2GPTError as exc:
+                data = [exc]  # the others stop with the same line instead of waiting for data that never comes
+        torch.distributed.broadcast_object_list(data, src=0)
+        if isinstance(data[0], Exception):
+            raise data[0]
+        data = data[0]
+    else:
+        with state.main_process_first():  # the main process downloads; the others then find the cached copy
+            data = prepare_data(cfg, main=state.is_main_process)
+    captions, splits = data.captions, data.splits
+    if not data.train_images:
+        raise Img2GPTError(f"too few images to train on ({len(set(captions['image_name'])) + data.train_images})")
+    train_split = data.train_split
     if resume:
         check_resume_split(resume, train_split)
 
     model, tokenizer, processor, model_config = build_model(model_config, device, quantize=cfg.quantize)
     delete_previous_run(output_dir, previous_run)
-    datasets = make_datasets(captions, splits, image_dir, processor)
+    datasets = make_datasets(data, processor)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate)
-    batches_per_epoch = len(EpochBatchSampler(datasets["train"].groups, cfg.batch_size, cfg.seed, 1,
-                                              world=state.num_processes))
+    if data.stream:
+        batches_per_epoch = len(train_batches(data, processor, cfg, 1, state.process_index, state.num_processes))
+    else:
+        batches_per_epoch = len(EpochBatchSampler(datasets["train"].groups, cfg.batch_size, cfg.seed, 1,
+                                                  world=state.num_processes))
     train_model = model
     if state.num_processes > 1:  # gradients averaged across processes at each backward
         train_model = torch.nn.parallel.DistributedDataParallel(
@@ -2266,8 +2782,14 @@ def prepare_run(cfg, held):
         settings={name: value for name, value in vars(cfg).items() if isinstance(value, (bool, int, float, str))},
         train_split=train_split, run_id=run_id(resume),
         scaler=torch.amp.GradScaler(device.type, enabled=compute_dtype == torch.float16),
-        samples=sample_set(captions, splits["val"], image_dir, processor, cfg.num_sample_images),
-        batches_per_epoch=batches_per_epoch, total_steps=total_steps, log=None)
+        samples=sample_set(captions, splits["val"], data.open_image, processor, cfg.num_sample_images),
+        batches_per_epoch=batches_per_epoch, total_steps=total_steps, log=None, progress=None)
+
+
+def train_batches(data, processor, cfg, epoch, rank, world, progress=None):
+    """StreamBatches of this process for `epoch` of streamed data, each slot from its `progress` on."""
+    return StreamBatches(data.stream, processor, cfg.batch_size, cfg.seed, epoch, rank, world,
+                         max(1, cfg.num_workers), progress)
 
 
 def run_id(resume):
@@ -2293,8 +2815,8 @@ def print_banner(run):
     splits = run.splits
     print(f"Using device: {run.device} ({precision})\n"
           f"Split: {run.data.split_name}\n"
-          f"Images train/val/test: {len(splits['train'])}/{len(splits['val'])}/{len(splits['test'])}, "
-          f"training captions: {len(run.datasets['train'])}\n"
+          f"Images train/val/test: {run.data.train_images}/{len(splits['val'])}/{len(splits['test'])}, "
+          f"training captions: {run.data.train_captions}\n"
           f"Batch size {run.cfg.batch_size}, {run.batches_per_epoch} batches per epoch, {run.total_steps} in all\n"
           f"Trainable parameters: {sum(p.numel() for p in run.trainable):,} of "
           f"{sum(p.numel() for p in run.model.parameters()):,}")
@@ -2370,7 +2892,7 @@ def train(run):
         changes = resume_changes(run.cfg, run.resume)
         if run.main:
             print(f"Resuming from '{run.cfg.resume_from}': epoch {epoch}, after batch {step}")
-            grouped = any(len(rows) > 1 for rows in run.datasets["train"].groups)
+            grouped = not run.data.stream and any(len(rows) > 1 for rows in run.datasets["train"].groups)
             if step and grouped and run.resume["training_state"].get("batch_order") != BATCH_ORDER:
                 print(f"Note: this run was saved by a version that shuffled caption rows one by one; the rest of "
                       f"epoch {epoch} follows the new order of whole images, so some of its captions are trained "
@@ -2379,11 +2901,12 @@ def train(run):
             if was != now:  # allowed: the adapters have the same names and shapes either way
                 print(f"Note: this run was trained with --quantize {was} and goes on with --quantize {now}")
             print_resume_changes(run, changes, epoch, step)
-    # Which rows each process's first batch holds: the record that data-parallel processes got their own share.
-    first = next(iter(EpochBatchSampler(run.datasets["train"].groups, run.cfg.batch_size, run.cfg.seed, epoch, step,
-                                        run.rank, run.world)), [])
+    # Which rows each process's first batch holds: the record that data-parallel processes got their own share
+    # (streamed data: the batch records hold the keys of their images).
+    first = None if run.data.stream else next(iter(EpochBatchSampler(
+        run.datasets["train"].groups, run.cfg.batch_size, run.cfg.seed, epoch, step, run.rank, run.world)), [])
     first_batches = [first]
-    if run.world > 1:
+    if run.world > 1 and not run.data.stream:
         first_batches = [None] * run.world
         torch.distributed.all_gather_object(first_batches, first)
     run.log.write(type="start", epoch=epoch, step=step, resumed_from=run.cfg.resume_from,

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from functools import partial
 
 import pytest
 import torch
@@ -310,7 +311,8 @@ def test_a_sample_image_cut_short_is_left_out_by_name(tmp_path, capsys):
     assert ts.is_usable_image(tmp_path / "b.jpg")  # verify() does not see it: the sample set must
     captions = pd.DataFrame({"image_name": ["a.jpg", "b.jpg", "c.jpg", "d.jpg"], "caption": ["x", "y", "z", "w"]})
     processor = ViTImageProcessor(size={"height": 32, "width": 32})
-    samples = ts.sample_set(captions, ["b.jpg", "a.jpg", "c.jpg", "d.jpg"], tmp_path, processor, 2)
+    samples = ts.sample_set(captions, ["b.jpg", "a.jpg", "c.jpg", "d.jpg"], partial(ts.image_in_folder, tmp_path),
+                           processor, 2)
     assert samples["names"] == ["a.jpg", "c.jpg"] and samples["references"] == ["x", "z"]
     assert samples["pixel_values"].shape == (2, 3, 32, 32)
     assert "Left out sample image b.jpg: not a decodable image" in capsys.readouterr().out
@@ -331,7 +333,7 @@ def test_an_image_failing_in_an_unusual_way_is_left_out_in_training(tmp_path, mo
     for name in ("good.jpg", "odd.dds"):
         Image.new("RGB", (40, 40), "red").save(tmp_path / name, format="JPEG")
     monkeypatch.setattr(ts, "load_image", unusual_failure(ts.load_image, "odd.dds"))
-    dataset = ts.CaptionDataset([("good.jpg", "a"), ("odd.dds", "b")], tmp_path,
+    dataset = ts.CaptionDataset([("good.jpg", "a"), ("odd.dds", "b")], partial(ts.image_in_folder, tmp_path),
                                 ViTImageProcessor(size={"height": 32, "width": 32}))
     assert dataset[0] is not None and dataset[1] is None
     assert "Left out odd.dds: not a decodable image (NotImplementedError" in capsys.readouterr().err
