@@ -1028,11 +1028,13 @@ class HubSource:
             raise Img2GPTError(f"cannot read Hugging Face dataset '{name}' ({stream_error(exc)}): give a Hub name "
                                "such as nlphuji/flickr30k or a local folder of parquet/arrow files") from None
         features = next(iter(splits.values())).features
-        self.image_column = self.column(name, features, image_column, "--image-column",
-                                        [c for c, f in features.items() if isinstance(f, datasets.Image)], "image")
+        images = [c for c, f in features.items() if isinstance(f, datasets.Image)]
+        self.image_column = self.column(name, features, image_column, "--image-column", images, "image",
+                                        lambda feature: isinstance(feature, datasets.Image))
         texts = [c for c, f in features.items() if c not in ("split", self.image_column) and is_text_feature(f)]
         preferred = [c for c in HF_CAPTION_COLUMNS if c in texts] or (texts if len(texts) == 1 else [])
-        self.caption_column = self.column(name, features, caption_column, "--caption-column", preferred, "caption")
+        self.caption_column = self.column(name, features, caption_column, "--caption-column", preferred, "caption",
+                                          is_text_feature)
         named = {split: normalise_split(split) for split in splits}
         self.split_column = "split" if "split" in features and "split" != self.caption_column else None
         self.has_split = bool({"val", "test"} & set(named.values())) or self.split_column is not None
@@ -1040,10 +1042,14 @@ class HubSource:
         self.units = [(split, index) for split, part in splits.items() for index in range(part.n_shards)]
 
     @staticmethod
-    def column(name, features, given, flag, candidates, what):
+    def column(name, features, given, flag, candidates, what, holds):
+        """The column holding the images or captions: `given` (checked), else the first candidate."""
         if given:
             if given not in features:
                 raise Img2GPTError(f"{flag} '{given}' is not a column of '{name}' (columns: {', '.join(features)})")
+            if not holds(features[given]):
+                raise Img2GPTError(f"{flag} '{given}' of '{name}' holds no {what}s (it holds {features[given]}): "
+                                   "pass the column that does")
             return given
         if candidates:
             return candidates[0]
