@@ -915,7 +915,7 @@ def make_loader(dataset, tokenizer, cfg, epoch=None, start=0, rank=0, world=1):
     collate = partial(collate_batch, tokenizer=tokenizer, max_tokens=cfg.max_caption_tokens)
     if isinstance(dataset, StreamBatches):
         return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers, collate_fn=collate,
-                                           pin_memory=torch.cuda.is_available())
+                                           pin_memory=torch.cuda.is_available(), worker_init_fn=drop_inherited_lock)
     if epoch is None:
         everything = torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(dataset), cfg.batch_size, False)
         sampler = list(everything)[rank::world]
@@ -925,7 +925,18 @@ def make_loader(dataset, tokenizer, cfg, epoch=None, start=0, rank=0, world=1):
     # so a resumed run's dropout masks continue exactly where the saved RNG state left them.
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(),
-        collate_fn=collate, generator=torch.Generator().manual_seed(cfg.seed))
+        collate_fn=collate, generator=torch.Generator().manual_seed(cfg.seed), worker_init_fn=drop_inherited_lock)
+
+
+def drop_inherited_lock(worker_id=None):
+    """In a DataLoader worker: close the copy of OUTPUT_DIR's lock file it inherited from the training process.
+    An flock lasts while any copy is open, so a worker left alive by an interrupted run (a notebook keeps the
+    traceback and with it the loader) would otherwise refuse the --resume run in the same kernel."""
+    fds = Path("/proc/self/fd")
+    for fd in fds.iterdir() if fds.is_dir() else []:
+        with contextlib.suppress(OSError):
+            if os.readlink(fd).endswith(f"/{LOCK_FILE}"):
+                os.close(int(fd.name))
 
 
 # --- Streamed data: WebDataset shards and Hugging Face datasets -----------------------------------

@@ -52,8 +52,8 @@ def write_shards(folder, samples, shards, caption_in="txt"):
                                                           "width": 32, "height": 32}).encode("utf-8"))
                 names.append(f"{shard:05d}/{key}")
         keys = [name.split("/")[1] for name in names]
-        pq.write_table(pa.table({"key": keys, "caption": [c[0] for _, _, c in part], "status": ["success"] * len(keys)}),
-                       folder / f"{shard:05d}.parquet")
+        table = {"key": keys, "caption": [c[0] for _, _, c in part], "status": ["success"] * len(keys)}
+        pq.write_table(pa.table(table), folder / f"{shard:05d}.parquet")
         (folder / f"{shard:05d}_stats.json").write_text(json.dumps({"count": len(part), "successes": len(part),
                                                                    "failed_to_download": 0}))
         written[path] = names

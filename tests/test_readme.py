@@ -64,6 +64,6 @@ def test_requirements_leave_torch_unpinned():
     requirements = (ROOT / "requirements.txt").read_text().splitlines()
     names = [re.split(r"[<>=!; ]", line, 1)[0] for line in requirements if line and not line.startswith("#")]
     assert names == ["torch", "torchvision", "transformers", "accelerate", "bitsandbytes", "peft", "kagglehub",
-                     "pandas", "tqdm", "requests", "Pillow", "pycocoevalcap", "matplotlib"]
+                     "pandas", "tqdm", "requests", "Pillow", "pycocoevalcap", "matplotlib", "webdataset", "datasets"]
     torch_lines = [line for line in requirements if line.startswith("torch")]
     assert not any("==" in line or "<" in line for line in torch_lines)  # Colab keeps its CUDA build

@@ -122,7 +122,8 @@ def test_each_image_is_decoded_once_per_batch(tmp_path, monkeypatch):
     for name in ("a.jpg", "b.jpg", "c.jpg"):
         Image.new("RGB", (40, 40), "red").save(tmp_path / name)
     rows = [("a.jpg", "one"), ("b.jpg", "two"), ("a.jpg", "three"), ("c.jpg", "four"), ("a.jpg", "five")]
-    dataset = ts.CaptionDataset(rows, partial(ts.image_in_folder, tmp_path), ViTImageProcessor(size={"height": 32, "width": 32}))
+    dataset = ts.CaptionDataset(rows, partial(ts.image_in_folder, tmp_path),
+                                ViTImageProcessor(size={"height": 32, "width": 32}))
     assert dataset.rows == [("a.jpg", "one"), ("a.jpg", "three"), ("a.jpg", "five"), ("b.jpg", "two"),
                             ("c.jpg", "four")] and dataset.groups == [[0, 1, 2], [3], [4]]
     opened = []

@@ -3,11 +3,9 @@ datasets are streamed; the held-out split is fixed by key hashes (or the data's 
 read once per epoch across processes and workers, which take the same number of steps; a resume reads exactly
 what the interrupted run had not; bad shards and samples are left out and counted."""
 
-import functools
 import http.server
 import io
 import json
-import shutil
 import tarfile
 import threading
 import time
@@ -20,8 +18,6 @@ import training_script as ts
 from conftest import train_args
 from streams import add_member, shape_samples, write_hf_dataset, write_shards
 from test_bad_input import cli, one_error_line
-from test_interruptions import read_log, runs_of
-from test_resume import interrupt_training_at
 
 
 @pytest.fixture(scope="module")
