@@ -143,6 +143,123 @@ def data_pipeline(image_size, count, repeats):
     return count / pipeline, count / median_time(decode_only, repeats)
 
 
+def photo_jpegs(count, seed=0):
+    """`count` Flickr30k-sized JPEGs (about 500 x 375, noise: no easier to decode than a photo), as bytes."""
+    import io
+
+    from PIL import Image
+
+    jpegs = []
+    for i in range(count):
+        buffer = io.BytesIO()
+        Image.effect_noise((500, 375), 60 + (seed + i) % 7).convert("RGB").save(buffer, format="JPEG", quality=90)
+        jpegs.append(buffer.getvalue())
+    return jpegs
+
+
+def write_stream_shards(folder, jpegs, shards):
+    """The JPEGs as img2dataset shards (KEY.jpg, KEY.txt) in folder, dealt to `shards` shards."""
+    import io
+    import tarfile
+
+    for shard in range(shards):
+        with tarfile.open(Path(folder) / f"{shard:05d}.tar", "w") as tar:
+            for k, jpeg in enumerate(jpegs[shard::shards]):
+                for suffix, data in (("jpg", jpeg), ("txt", b"a picture of noise")):
+                    info = tarfile.TarInfo(f"{shard:05d}{k:04d}.{suffix}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+
+
+def stream_config(data_dir, workers):
+    return ts.parse_config(ts.CONSTANTS, ["--data-dir", str(data_dir), "--num-workers", str(workers),
+                                          "--val-images", "0", "--test-images", "0"])
+
+
+def stream_pipeline(image_size, count, repeats):
+    """(images/s through the training loader from WebDataset shards; images/s from a folder of the same JPEGs,
+    each with NUM_WORKERS workers and training's batch size; samples/s of the counting pass)."""
+    from transformers import ViTImageProcessor
+
+    processor = ViTImageProcessor(size={"height": image_size, "width": image_size})
+    jpegs = photo_jpegs(count)
+    folder, shards = Path(tempfile.mkdtemp()), Path(tempfile.mkdtemp())
+    for i, jpeg in enumerate(jpegs):
+        (folder / f"{i}.jpg").write_bytes(jpeg)
+    write_stream_shards(shards, jpegs, 8)
+    cfg = stream_config(shards, ts.NUM_WORKERS)
+    counting = median_time(lambda: ts.prepare_data(cfg, main=False), repeats)
+    data = ts.prepare_data(cfg, main=False)
+
+    def pixels(batch):
+        return batch["pixel_values"]
+
+    def from_shards():
+        batches = ts.StreamBatches(data.stream, processor, ts.BATCH_SIZE, ts.SEED, 1, workers=max(1, ts.NUM_WORKERS))
+        return list(torch.utils.data.DataLoader(batches, batch_size=None, num_workers=ts.NUM_WORKERS,
+                                                collate_fn=pixels))
+
+    dataset = ts.CaptionDataset([(f"{i}.jpg", "") for i in range(count)], partial(ts.image_in_folder, folder),
+                                processor)
+
+    def from_folder():  # as make_loader reads a folder: whole images per batch, in the epoch's order
+        sampler = ts.EpochBatchSampler(dataset.groups, ts.BATCH_SIZE, ts.SEED, 1)
+        return list(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=ts.NUM_WORKERS,
+                                                collate_fn=pixels))
+
+    assert sum(len(b) for b in from_shards()) == sum(len(b) for b in from_folder()) == count
+    return count / median_time(from_shards, repeats), count / median_time(from_folder, repeats), count / counting
+
+
+def resident_mb():
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def stream_memory_worker(shards, per_shard, image_size):
+    """In a process of its own: the counting pass and one epoch over `shards` shards read in this process,
+    printing the resident memory after the batches of the first 2 shards and after all of them."""
+    from transformers import ViTImageProcessor
+
+    folder = Path(tempfile.mkdtemp())
+    jpegs = photo_jpegs(per_shard * 4)  # the same pictures again in every shard: as many bytes as new ones
+    write_stream_shards(folder, [jpegs[i % len(jpegs)] for i in range(shards * per_shard)], shards)
+    data = ts.prepare_data(stream_config(folder, 0), main=False)
+    batches = ts.StreamBatches(data.stream, ViTImageProcessor(size={"height": image_size, "width": image_size}),
+                               per_shard, ts.SEED, 1)
+    marks, read = {}, 0
+    for batch in batches:  # one shard per batch (batch size = samples per shard)
+        read += 1
+        if read in (2, shards):
+            marks[read] = resident_mb()
+        del batch
+    print(json.dumps(marks))
+
+
+def stream_rows(image_size, smoke, repeats):
+    """Rows of streamed data: loader speed against a folder of the same JPEGs, the counting pass, and resident
+    memory after 50 shards against after 2 (in a process of its own)."""
+    from_shards, from_folder, counting = stream_pipeline(image_size, 32 if smoke else 256, repeats)
+    shards, per_shard = (6, 4) if smoke else (50, 40)
+    command = [sys.executable, __file__, "--worker", "stream-memory", "--per-image", str(per_shard),
+               "--repeats", str(shards), "--checkpoint", str(image_size)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"benchmark worker {command[2:]} failed:\n{result.stderr[-3000:]}")
+    marks = {int(k): v for k, v in json.loads(result.stdout.strip().splitlines()[-1]).items()}
+    return [
+        (f"data pipeline images/s from WebDataset shards ({ts.NUM_WORKERS} workers, batch {ts.BATCH_SIZE})",
+         f"{from_shards:.1f}", f"the same JPEGs in a folder, same workers: {from_folder:.1f}/s",
+         f"{from_shards / from_folder:.2f}x"),
+        ("counting pass samples/s (shards, before training)", f"{counting:.1f}",
+         f"loader from shards: {from_shards:.1f} images/s", f"{counting / from_shards:.2f}x"),
+        (f"resident memory after {shards} shards of {per_shard} (counting pass + epoch)", f"{marks[shards]:.0f} MB",
+         f"after 2 shards: {marks[2]:.0f} MB", f"{marks[shards] / marks[2]:.3f}x"),
+    ]
+
+
 def sizes(model):
     """(bytes of an Img2GPT checkpoint, bytes of the whole model's state_dict)."""
     with tempfile.TemporaryDirectory() as folder:
@@ -474,7 +591,10 @@ def main():
     parser.add_argument("--smoke", action="store_true", help="tiny models, one repeat: only checks it runs")
     parser.add_argument("--only-caption-training", action="store_true",
                         help="only the rows of training on 5 captions per image (the slowest rows)")
-    parser.add_argument("--worker", choices=("train", "caption", "captions"), help=argparse.SUPPRESS)  # one measurement
+    parser.add_argument("--only-streams", action="store_true",
+                        help="only the rows of streamed data (WebDataset shards: speed against a folder, memory)")
+    parser.add_argument("--worker", choices=("train", "caption", "captions", "stream-memory"),
+                        help=argparse.SUPPRESS)  # one measurement
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--per-image", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--quantize", help=argparse.SUPPRESS)
@@ -488,12 +608,19 @@ def main():
     if args.worker == "captions":
         return print(json.dumps(caption_training_rate(args.mode, args.quantize, args.checkpoint, args.repeats,
                                                       args.compute_dtype, args.per_image)))
+    if args.worker == "stream-memory":
+        return stream_memory_worker(args.repeats, args.per_image, int(args.checkpoint))
     if args.worker:
         return worker(args.worker, args.quantize, args.checkpoint, args.repeats, args.compute_dtype)
     if args.stages:
         return stage_worker(args.stages, args.checkpoint, args.photo, args.started)
     repeats = 1 if args.smoke else REPEATS
     vit_config, gpt2_config = configs(args.smoke)
+    if args.only_streams:
+        print("| measurement | value | compared with | ratio |\n|---|---:|---|---:|")
+        for row in stream_rows(vit_config.image_size, args.smoke, repeats):
+            print("| " + " | ".join(row) + " |")
+        return
     caption_training = caption_training_rows(vit_config, gpt2_config, 1 if args.smoke else QLORA_REPEATS)
     if args.only_caption_training:
         print("| measurement | value | compared with | ratio |\n|---|---:|---|---:|")
@@ -514,6 +641,7 @@ def main():
     pooled_latency = caption_time(pooled, tokenizer, one, repeats)
     pooled_batch8 = caption_time(pooled, tokenizer, eight, repeats)
     pipeline, decode = data_pipeline(size, 8 if args.smoke else 64, repeats)
+    streams = stream_rows(size, args.smoke, repeats)
     training_model = build_img2gpt(vit_config, gpt2_config, merged=False)
     checkpoint_bytes, full_bytes = sizes(training_model)
     train_rate = training_throughput(training_model, size, 8, repeats)
@@ -540,6 +668,7 @@ def main():
          f"same option, batch 1: {1 / pooled_latency:.2f}", f"{pooled_latency * 8 / pooled_batch8:.2f}x"),
         (f"data pipeline images/s (decode, RGB, preprocess; {ts.NUM_WORKERS} workers)", f"{pipeline:.1f}",
          f"JPEG decoding alone, 1 process: {decode:.1f}/s", f"{pipeline / decode:.2f}x"),
+        *streams,
         ("checkpoint size", f"{checkpoint_bytes / 1e6:.2f} MB", f"full state_dict: {full_bytes / 1e6:.1f} MB",
          f"{checkpoint_bytes / full_bytes:.2%}"),
         ("training images/s, batch 8, fp32 LoRA", f"{train_rate:.2f}", "", ""),
