@@ -1249,6 +1249,7 @@ def index_stream(cfg, main=True):
         splits={"train": [], "val": [name for name, *_ in val], "test": [name for name, *_ in test]},
         open_image=partial(image_from_bytes, {name: image for name, _, image, _ in val + test}),
         caption_files=[source.describe], skipped_rows=0, unknown_splits={}, stream=plan,
+        left_out_count=len(broken) + sum(c["bad"] for c in counted),
         train_images=train_samples, train_captions=sum(train_rows),
         train_split={"images": train_samples, "sha256": digest})
 
@@ -2635,6 +2636,7 @@ def prepare_data(cfg, main=True):
     return types.SimpleNamespace(captions=captions, image_dir=image_dir, left_out=outside + left_out, splits=splits,
                                  split_name=split_name, layout=kind, caption_files=files, skipped_rows=skipped,
                                  unknown_splits=unknown_splits, open_image=partial(image_in_folder, image_dir),
+                                 left_out_count=len(outside + left_out),
                                  stream=None, train_images=len(splits["train"]), train_captions=int(train_rows.sum()),
                                  train_split=train_split_digest(splits))
 
@@ -2929,7 +2931,7 @@ def train(run):
     run.log.write(type="start", epoch=epoch, step=step, resumed_from=run.cfg.resume_from,
                   changed={name: list(pair) for name, pair in changes.items()},
                   lr=run.optimizer.param_groups[0]["lr"],
-                  left_out_images=len(run.left_out), processes=run.world, first_batches=first_batches,
+                  left_out_images=run.data.left_out_count, processes=run.world, first_batches=first_batches,
                   layout=run.data.layout, split=run.data.split_name,
                   quantize="4bit" if run.quantize else "none", linear4bit_layers=count_4bit_layers(run.model))
     for epoch in range(epoch, run.cfg.num_epochs + 1):

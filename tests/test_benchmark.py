@@ -29,6 +29,9 @@ def test_benchmark_smoke_mode_prints_the_table():
                       "captions/s, batch 8", "option PREFIX_POOL_GRID=2: caption latency, 1 image",
                       "option PREFIX_POOL_GRID=2: captions/s, batch 8",
                       "data pipeline images/s (decode, RGB, preprocess; 2 workers)",
+                      "data pipeline images/s from WebDataset shards (2 workers, batch 16)",
+                      "counting pass samples/s (shards, before training)",
+                      "resident memory after 6 shards of 4 (counting pass + epoch)",
                       "checkpoint size", "training images/s, batch 8, fp32 LoRA",
                       "training images/s, batch 8, 4-bit NF4 LoRA, bf16 compute",
                       "training images/s, batch 8, 4-bit NF4 LoRA, fp32 compute",
@@ -46,10 +49,11 @@ def test_benchmark_smoke_mode_prints_the_table():
     for row in table:
         value = row.split(" | ")[1]
         assert re.match(r"^\d+(\.\d+)?( s| MB)?$", value), row
-    assert "VisionEncoderDecoder peer, same LoRA" in table[15] and "one row per caption" in table[16]
-    assert "VisionEncoderDecoder peer script" in table[22] and "cross-attention keys/values" in table[24]
+    assert "VisionEncoderDecoder peer, same LoRA" in table[18] and "one row per caption" in table[19]
+    assert "VisionEncoderDecoder peer script" in table[25] and "cross-attention keys/values" in table[27]
+    assert "the same JPEGs in a folder, same workers" in table[7] and "after 2 shards" in table[9]
     assert [row.split(" | ")[0].lstrip("| ") for row in stages[1:]] == [*benchmark.STAGES, "total"]
     for row in stages[1:]:
         assert all(re.match(r"^\d+\.\d\d$", cell) for cell in row.strip("| ").split(" | ")[1:]), row
     assert "VisionEncoderDecoder peer" in rows[1] and "floor" in rows[2]
-    assert "full-precision LoRA" in rows[10] and "full precision, LoRA merged" in rows[14]
+    assert "full-precision LoRA" in rows[13] and "full precision, LoRA merged" in rows[17]
