@@ -351,7 +351,11 @@ def clean_caption(text):
 def read_text(path):
     """A text file decoded tolerantly: UTF-8 with or without a BOM, else Latin-1 (which decodes any byte), so
     a file saved by any editor or tool is read; line ends of any kind."""
-    data = Path(path).read_bytes()
+    return decode_text(Path(path).read_bytes())
+
+
+def decode_text(data):
+    """Bytes of text as read_text decodes them: UTF-8 with or without a BOM, else Latin-1."""
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError:
@@ -961,6 +965,8 @@ def is_url(text):
 def stream_error(exc):
     """An exception met reading a unit, in one short line (webdataset appends the stream object to its args)."""
     reason = str(exc.args[0]) if getattr(exc, "args", None) else str(exc)
+    if isinstance(exc, OSError) and exc.strerror:  # "No such file or directory", not the bare errno
+        reason = exc.strerror
     reason = reason.split("\n")[0].split(" @ <")[0]
     return f"{type(exc).__name__}: {reason[:160]}"
 
@@ -971,19 +977,35 @@ class ShardSource:
     Local shards are read as files; http(s) ones as they arrive, a stall of `timeout` seconds ending the shard."""
 
     def __init__(self, spec, timeout):
+        import glob
+
         from webdataset.shardlists import expand_urls
 
         self.spec, self.timeout = str(spec), timeout
         folder = Path(self.spec)
-        self.units = sorted(map(str, folder.glob("*.tar"))) if folder.is_dir() else expand_urls(self.spec)
+        if folder.is_dir():
+            units = sorted(map(str, folder.glob("*.tar")))
+        elif not is_url(self.spec) and re.search(r"[*?[]", self.spec):  # a quoted wildcard: the shell's meaning
+            units = sorted(glob.glob(self.spec))
+        else:
+            units = expand_urls(self.spec)
+        self.units = list(dict.fromkeys(units))  # a shard named twice is read once
         if not self.units:
             raise Img2GPTError(f"--data-dir '{spec}' names no .tar shards: give a folder of them, a pattern such as "
                                "/data/{00000..00099}.tar, or http(s) URLs")
         self.has_split = False
         self.describe, self.unit_word = f"{len(self.units):,} WebDataset shard(s) ({self.spec})", "shard"
+        # A shard's name in sample names and messages: its file name without .tar, or, where two shards share one
+        # (a/00000.tar, b/00000.tar), its path from where their paths part.
+        paths = [unit.split("?")[0] for unit in self.units]
+        names = [Path(path).stem for path in paths]
+        if len(set(names)) < len(names):
+            common = len(os.path.commonprefix(paths).rpartition("/")[0]) + 1
+            names = [path[common:].removesuffix(".tar") for path in paths]
+        self.names = dict(zip(self.units, names))
 
     def name(self, unit):
-        return Path(unit.split("?")[0]).stem
+        return self.names[unit]
 
     def samples(self, unit):
         """(name, image bytes or None, captions, split None) of each sample of one shard, as webdataset groups
@@ -998,13 +1020,15 @@ class ShardSource:
             stream.raw.decode_content = True
             fileobj = stream.raw
         else:
+            if not Path(unit).is_file():  # a named pipe or a device would block the read forever
+                raise OSError(0, "not a regular file" if Path(unit).exists() else "No such file or directory")
             stream = fileobj = open(unit, "rb")
         with stream:
             for sample in group_by_keys(tar_file_expander([{"url": unit, "stream": fileobj}])):
                 image = next((sample[suffix] for suffix in SHARD_IMAGE_SUFFIXES if suffix in sample), None)
                 captions = []
                 if "txt" in sample:
-                    captions = [sample["txt"].decode("utf-8", "replace")]
+                    captions = [decode_text(sample["txt"])]
                 elif "json" in sample:
                     try:
                         caption = json.loads(sample["json"]).get("caption")
@@ -1030,6 +1054,8 @@ class HubSource:
                 saved = saved if isinstance(saved, datasets.DatasetDict) else {"train": saved}
                 splits = {split: part.to_iterable_dataset(num_shards=max(1, min(64, len(part) // 1000)))
                           for split, part in saved.items()}
+            elif folder.is_file() and folder.suffix in (".parquet", ".arrow"):  # one file: its builder by suffix
+                splits = dict(datasets.load_dataset(folder.suffix[1:], data_files=str(folder), streaming=True))
             else:
                 splits = dict(datasets.load_dataset(str(name), streaming=True))
             splits = {split: part if part.features else part._resolve_features() for split, part in splits.items()}
@@ -1113,9 +1139,9 @@ def make_source(cfg):
 def sample_problem(image, captions):
     """(None, the sample's cleaned captions), or (what makes it untrainable, []). The image is identified from its
     header, not decoded (that happens in the DataLoader workers, once per epoch)."""
-    captions = list(dict.fromkeys(c for c in (clean_caption(text) for text in captions if text is not None) if c))
+    captions = list(dict.fromkeys(c for c in (clean_caption(text) for text in captions if isinstance(text, str)) if c))
     if image is None:
-        return "no image", []
+        return "no image (KEY.jpg, .jpeg, .png or .webp; a key ends at its first dot)", []
     if not captions:
         return "no caption", []
     try:
@@ -2966,6 +2992,8 @@ def train(run):
 def main(argv=None):
     cfg = parse_config(CONSTANTS, argv, FLAG_ALIASES, __doc__)
     check_settings(cfg, TRAINING_RULES, FLAG_ALIASES)
+    if cfg.data_dir and cfg.hf_dataset:
+        raise Img2GPTError("--data-dir and --hf-dataset both name data to train on: give one of them")
     if cfg.evaluate:
         try:
             return evaluate_checkpoint(cfg)
@@ -2988,6 +3016,9 @@ def main(argv=None):
             run.trained = True
             if cfg.eval_after_training and run.splits["test"] and run.main:
                 evaluate_last_epoch(run)
+            elif cfg.eval_after_training and run.main:
+                print("No test images (--test-images 0, or none in the data's own split): the test-split "
+                      "evaluation is left out")
     except torch.cuda.OutOfMemoryError:
         raise Img2GPTError(f"CUDA ran out of memory at BATCH_SIZE {cfg.batch_size}: start over with a smaller "
                            f"--batch-size (e.g. {max(1, cfg.batch_size // 2)}) and --overwrite (a resume keeps the "
