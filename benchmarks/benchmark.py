@@ -178,7 +178,8 @@ def stream_config(data_dir, workers):
 
 def stream_pipeline(image_size, count, repeats):
     """(images/s through the training loader from WebDataset shards; images/s from a folder of the same JPEGs,
-    each with NUM_WORKERS workers and training's batch size; samples/s of the counting pass)."""
+    each with NUM_WORKERS workers and training's batch size; the median speed ratio of the two run in turn;
+    samples/s of the counting pass)."""
     from transformers import ViTImageProcessor
 
     processor = ViTImageProcessor(size={"height": image_size, "width": image_size})
@@ -208,7 +209,24 @@ def stream_pipeline(image_size, count, repeats):
                                                 collate_fn=pixels))
 
     assert sum(len(b) for b in from_shards()) == sum(len(b) for b in from_folder()) == count
-    return count / median_time(from_shards, repeats), count / median_time(from_folder, repeats), count / counting
+    shards_time, folder_time, ratio = paired_times(from_shards, from_folder, repeats)
+    return count / shards_time, count / folder_time, ratio, count / counting
+
+
+def paired_times(first, second, repeats):
+    """(median time of first, of second, median of the per-pair speed ratios second / first), the two run in
+    turn, so that a slow spell of a shared machine slows both alike."""
+    first(), second()  # warm-up
+    pairs = []
+    for _ in range(repeats):
+        times = []
+        for function in (first, second):
+            start = time.perf_counter()
+            function()
+            times.append(time.perf_counter() - start)
+        pairs.append(times)
+    return (statistics.median(t for t, _ in pairs), statistics.median(t for _, t in pairs),
+            statistics.median(b / a for a, b in pairs))
 
 
 def resident_mb():
@@ -241,7 +259,8 @@ def stream_memory_worker(shards, per_shard, image_size):
 def stream_rows(image_size, smoke, repeats):
     """Rows of streamed data: loader speed against a folder of the same JPEGs, the counting pass, and resident
     memory after 50 shards against after 2 (in a process of its own)."""
-    from_shards, from_folder, counting = stream_pipeline(image_size, 32 if smoke else 256, repeats)
+    from_shards, from_folder, ratio, counting = stream_pipeline(image_size, 32 if smoke else 1024,
+                                                                1 if smoke else 2 * repeats)
     shards, per_shard = (6, 4) if smoke else (50, 40)
     command = [sys.executable, __file__, "--worker", "stream-memory", "--per-image", str(per_shard),
                "--repeats", str(shards), "--checkpoint", str(image_size)]
@@ -252,7 +271,7 @@ def stream_rows(image_size, smoke, repeats):
     return [
         (f"data pipeline images/s from WebDataset shards ({ts.NUM_WORKERS} workers, batch {ts.BATCH_SIZE})",
          f"{from_shards:.1f}", f"the same JPEGs in a folder, same workers: {from_folder:.1f}/s",
-         f"{from_shards / from_folder:.2f}x"),
+         f"{ratio:.2f}x"),
         ("counting pass samples/s (shards, before training)", f"{counting:.1f}",
          f"loader from shards: {from_shards:.1f} images/s", f"{counting / from_shards:.2f}x"),
         (f"resident memory after {shards} shards of {per_shard} (counting pass + epoch)", f"{marks[shards]:.0f} MB",
