@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -24,9 +25,22 @@ def test_perfect_captions_score_higher_than_wrong_ones():
     for metric in expected:
         assert perfect[metric] > wrong[metric], metric
     assert perfect["Bleu_4"] > 0.9 and wrong["Bleu_1"] < 0.3 and wrong["CIDEr"] < 0.1
-    if not shutil.which("java"):
-        assert "need Java" in perfect_notes[0]
+    assert any("need Java" in note for note in perfect_notes) == (not shutil.which("java"))
     assert all(isinstance(value, float) for value in perfect.values())
+
+
+def test_without_java_meteor_and_spice_are_left_out_with_a_note(monkeypatch):
+    import os
+
+    java = shutil.which("java")
+    if java:  # hide it: PATH without the folders that hold a java
+        folders = os.environ["PATH"].split(os.pathsep)
+        monkeypatch.setenv("PATH", os.pathsep.join(f for f in folders if not (Path(f) / "java").exists()))
+    assert shutil.which("java") is None
+    scores, notes = ts.score_captions(REFERENCES, {k: v[0] for k, v in REFERENCES.items()})
+    assert list(scores) == ALWAYS
+    assert notes == ["tokenizer: PTB-like (Python)", "METEOR and SPICE left out: they need Java (install a JRE to "
+                                                     "get them)"]
 
 
 @pytest.fixture(scope="module")
