@@ -59,7 +59,7 @@ CONSTANTS = {name: value for name, value in dict(globals()).items()
 FLAG_ALIASES = {"MODEL_WEIGHTS_PATH": "--weights", "IMAGE_URL": "--image", "DEVICE_CHOICE": "--device",
                 "VIT_MODEL_NAME": "--vit-model", "GPT2_MODEL_NAME": "--gpt2-model", "JSON_OUTPUT": "--json",
                 "HTML_OUTPUT": "--html"}
-RULE = "=" * 50
+DIVIDER = "=" * 50
 GALLERY_LIMIT = 64  # images the web page's gallery tab captions at a time
 SETTING_RULES = {
     # threading's timers (the download deadline) take at most TIMEOUT_MAX seconds (about 292 years)
@@ -378,7 +378,7 @@ def report(results, json_output, thumbnails=None, cards=None, quiet=False, name=
         if failure:
             print(f"error: {failure}", file=sys.stderr)
         elif not json_output:
-            print(f"\n{RULE}\n      INFERENCE RESULT\n{RULE}\nImage URL: {source}\nGenerated Caption: {caption}\n{RULE}")
+            print(f"\n{DIVIDER}\n      INFERENCE RESULT\n{DIVIDER}\nImage URL: {source}\nGenerated Caption: {caption}\n{DIVIDER}")
     return failed, total
 
 

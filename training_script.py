@@ -271,11 +271,11 @@ def resolve_device(choice):
 
 
 def choose_precision(device, quantize="auto"):
-    """(quantize_4bit, compute_dtype). QUANTIZE "auto" is 4-bit on CUDA only. The compute dtype follows the
-    hardware, never what it merely emulates. On CUDA: bf16 from Ampere (compute capability 8) on, fp16 before
+    """(four_bit, compute_dtype) for QUANTIZE `quantize`: "auto" is 4-bit on CUDA only. The compute dtype follows
+    the hardware, never what it merely emulates. On CUDA: bf16 from Ampere (compute capability 8) on, fp16 before
     (a T4 reports torch.cuda.is_bf16_supported() True through slow emulation). On a CPU in 4-bit: bf16 where
-    the CPU has bf16 instructions (benchmarks/benchmark.py: 1.7x the images/s of fp32 compute, faster than
-    full precision), fp32 elsewhere (bf16 on AVX2 alone: 23x slower per step, measured); full precision is fp32."""
+    the CPU has bf16 instructions, fp32 elsewhere (emulated bf16 is far slower: README "4-bit or full
+    precision"); full precision is fp32."""
     if quantize not in QUANTIZE_CHOICES:
         raise Img2GPTError(f"unknown QUANTIZE '{quantize}': use one of {', '.join(QUANTIZE_CHOICES)}")
     four_bit = device.type == "cuda" if quantize == "auto" else quantize == "4bit"
@@ -1541,8 +1541,8 @@ def find_lora_targets(model, names=LORA_TARGET_NAMES):
     return sorted(found)
 
 
-def load_base_models(vit_name, lm_name, device, quantize, compute_dtype):
-    """(vision, lm, tokenizer, processor) from the hub or local folders, in 4-bit when `quantize`. The vision
+def load_base_models(vit_name, lm_name, device, four_bit, compute_dtype):
+    """(vision, lm, tokenizer, processor) from the hub or local folders, in 4-bit when `four_bit`. The vision
     model is any transformers encoder with last_hidden_state (the vision tower of a CLIP or SigLIP checkpoint is
     used); the LM is any AutoModelForCausalLM."""
     from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer
@@ -1562,14 +1562,14 @@ def load_base_models(vit_name, lm_name, device, quantize, compute_dtype):
     if "add_pooling_layer" in inspect.signature(vision_class).parameters:
         vision_kwargs["add_pooling_layer"] = False
     for kwargs in (vision_kwargs, lm_kwargs):
-        if quantize:
+        if four_bit:
             kwargs.update(quantization_config=quantization_config(compute_dtype), device_map=device_map_for(device))
         else:
             kwargs["dtype"] = torch.float32
     vision = vision_class.from_pretrained(vit_name, **vision_kwargs)
     lm = AutoModelForCausalLM.from_pretrained(lm_name, **lm_kwargs)
     for model in (vision, lm):
-        if quantize:
+        if four_bit:
             from peft import prepare_model_for_kbit_training
 
             # use_reentrant=False: the reentrant fallback leaves ViT LoRA grads None (inputs need no grad).
@@ -1583,9 +1583,9 @@ def load_base_models(vit_name, lm_name, device, quantize, compute_dtype):
 def allow_cpu_weight_packing(model, allowed):
     """bitsandbytes on a CPU with AVX512-BF16 repacks each Linear4bit weight for a faster bf16 kernel at the
     layer's first forward in eval mode, for good; that kernel has no backward, so a training run broke at its
-    first batch after a validation or sample round. Packing is allowed for inference only (it made a 4-bit
-    caption about 2x faster here) and only where the kernel takes the shape: in_features a whole number of
-    quantization blocks and out_features of 32 rows, which bitsandbytes assumes without checking."""
+    first batch after a validation or sample round. Packing is allowed for inference only (where it speeds
+    4-bit captioning up: README "4-bit or full precision") and only where the kernel takes the shape: in_features
+    a whole number of quantization blocks and out_features of 32 rows, which bitsandbytes assumes unchecked."""
     import bitsandbytes as bnb
 
     for module in model.modules():
@@ -2594,7 +2594,7 @@ def mean_over_processes(value, world):
 
 
 @torch.no_grad()
-def evaluate(run):
+def validation_loss(run):
     """Mean validation loss (None without validation data), each process scoring its share of the batches
     and the sums gathered."""
     run.model.eval()
@@ -2766,8 +2766,8 @@ def prepare_run(cfg, held):
     # from accelerate; a plain `python training_script.py` is one process on DEVICE_CHOICE.
     state = PartialState(cpu=cfg.device_choice == "cpu" or not torch.cuda.is_available())  # gloo on CPUs
     device = state.device if state.num_processes > 1 else resolve_device(cfg.device_choice)
-    quantize, compute_dtype = choose_precision(device, cfg.quantize)
-    if quantize:  # before the data and the models: minutes earlier than build_model would say it
+    four_bit, compute_dtype = choose_precision(device, cfg.quantize)
+    if four_bit:  # before the data and the models: minutes earlier than build_model would say it
         require_4bit_support(device)
     output_dir, resume_from, previous_run = claim_output_dir(cfg, held, main=state.is_main_process)
     cfg.resume_from = resume_from  # "auto" resolved: the path, or None for a fresh run
@@ -2819,7 +2819,7 @@ def prepare_run(cfg, held):
     total_steps = cfg.num_epochs * batches_per_epoch
     schedule = linear_schedule(min(cfg.warmup_steps, total_steps // 2), total_steps)  # a resume replaces it
     return types.SimpleNamespace(
-        cfg=cfg, device=device, quantize=quantize, compute_dtype=compute_dtype, output_dir=output_dir,
+        cfg=cfg, device=device, four_bit=four_bit, compute_dtype=compute_dtype, output_dir=output_dir,
         model=model, tokenizer=tokenizer, processor=processor, model_config=model_config, data=data,
         datasets=datasets, splits=splits, left_out=data.left_out, resume=resume, trainable=trainable,
         train_model=train_model, rank=state.process_index, world=state.num_processes, main=state.is_main_process,
@@ -2856,7 +2856,7 @@ def count_4bit_layers(model):
 
 def print_banner(run):
     precision = (f"4-bit QLoRA: {count_4bit_layers(run.model)} Linear4bit layers, compute {run.compute_dtype}"
-                 if run.quantize else "full precision LoRA")
+                 if run.four_bit else "full precision LoRA")
     splits = run.splits
     print(f"Using device: {run.device} ({precision})\n"
           f"Split: {run.data.split_name}\n"
@@ -2942,7 +2942,7 @@ def train(run):
                 print(f"Note: this run was saved by a version that shuffled caption rows one by one; the rest of "
                       f"epoch {epoch} follows the new order of whole images, so some of its captions are trained "
                       "twice in it and others not at all (later epochs are whole)")
-            was, now = ("4bit" if bits else "none" for bits in (run.resume.get("trained_in_4bit"), run.quantize))
+            was, now = ("4bit" if bits else "none" for bits in (run.resume.get("trained_in_4bit"), run.four_bit))
             if was != now:  # allowed: the adapters have the same names and shapes either way
                 print(f"Note: this run was trained with --quantize {was} and goes on with --quantize {now}")
             print_resume_changes(run, changes, epoch, step)
@@ -2959,7 +2959,7 @@ def train(run):
                   lr=run.optimizer.param_groups[0]["lr"],
                   left_out_images=run.data.left_out_count, processes=run.world, first_batches=first_batches,
                   layout=run.data.layout, split=run.data.split_name,
-                  quantize="4bit" if run.quantize else "none", linear4bit_layers=count_4bit_layers(run.model))
+                  quantize="4bit" if run.four_bit else "none", linear4bit_layers=count_4bit_layers(run.model))
     for epoch in range(epoch, run.cfg.num_epochs + 1):
         tally = train_one_epoch(run, epoch, step, tally)
         step = 0
@@ -2970,7 +2970,7 @@ def train(run):
                                              run.world).item() * run.world)
         speed = {"captions": captions, "seconds": round(tally["seconds"], 3)}
         tally = new_tally()
-        val_loss = evaluate(run)
+        val_loss = validation_loss(run)
         if not math.isfinite(train_loss) or (val_loss is not None and not math.isfinite(val_loss)):
             run.log.write(type="epoch", epoch=epoch, train_loss=train_loss, val_loss=val_loss)
             raise Img2GPTError(DIVERGED.format(where=f" in epoch {epoch} (train loss {train_loss}, validation loss "
