@@ -18,6 +18,7 @@ from PIL import Image
 import inference_script
 import training_script as ts
 from conftest import ROOT, build_tiny_models, run_script, train_args, write_png_header
+from helpers import cli, one_error_line
 
 
 @pytest.fixture(scope="module")
@@ -26,24 +27,6 @@ def checkpoint(flickr_dir, tiny_models, tmp_path_factory):
     ts.run_cli(ts.main, train_args(flickr_dir, tiny_models, out, "--epochs", "1", "--batch-size", "16",
                                    "--eval-interval", "0"))
     return out / "img2gpt_epoch_1.pth"
-
-
-def cli(capsys, script, *argv):
-    """(exit code, stdout, stderr) of a script's main run through its command-line entry point."""
-    with pytest.raises(SystemExit) as exit_info:
-        ts.run_cli(script.main, [str(a) for a in argv])
-        raise SystemExit(0)
-    out, err = capsys.readouterr()
-    code = exit_info.value.code
-    if isinstance(code, str):  # sys.exit("message") prints it to stderr and exits 1
-        err, code = err + code + "\n", 1
-    return code, out, err
-
-
-def one_error_line(err):
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 # --- checkpoints ----------------------------------------------------------------------------------

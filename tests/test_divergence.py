@@ -8,7 +8,7 @@ import torch
 
 import training_script as ts
 from conftest import run_script, train_args
-from test_model import tiny_config
+from helpers import tiny_config
 
 
 def strict_records(path):

@@ -7,6 +7,7 @@ import torch
 
 import training_script as ts
 from conftest import run_script, train_args
+from helpers import cli
 
 RULE = "=" * 50
 
@@ -145,7 +146,6 @@ def test_failed_download_is_a_clear_error(monkeypatch):
 
 def test_batches_folders_and_url_lists_keep_the_input_order(trained, flickr_dir, image_server, tmp_path, capsys):
     import inference_script
-    from test_bad_input import cli
 
     folder = tmp_path / "pictures"
     folder.mkdir()

@@ -6,7 +6,7 @@ import pytest
 import inference_script
 import training_script as ts
 from conftest import train_args
-from test_bad_input import cli, one_error_line
+from helpers import cli, one_error_line
 
 TRAINING_CASES = [
     ("--batch-size", "0"), ("--batch-size", "-3"), ("--epochs", "0"), ("--learning-rate", "nan"),

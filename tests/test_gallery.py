@@ -14,8 +14,7 @@ from PIL import Image
 import inference_script
 import training_script as ts
 from conftest import train_args
-from test_bad_input import cli
-from test_web import chromium_path
+from helpers import cli, chromium_path
 
 HOSTILE = '<script>window.pwned = 1</script><img src=x onerror="window.pwned = 2"> a "quoted" & caption'
 

@@ -1,7 +1,6 @@
 """Colab disconnects: a killed run resumes where its last save stopped; a kill during a save loses nothing;
 non-finite losses and CUDA out-of-memory stop cleanly."""
 
-import json
 import signal
 import subprocess
 import sys
@@ -13,25 +12,10 @@ import torch
 
 import training_script as ts
 from conftest import ROOT, make_flickr_folder, run_script, train_args
-from test_bad_input import cli, one_error_line
+from helpers import cli, one_error_line, read_log, runs_of
 
 RESUME_ARGS = ("--epochs", "4", "--batch-size", "16", "--learning-rate", "1e-2", "--lora-r", "16",
                "--eval-interval", "0", "--save-interval", "10")
-
-
-def read_log(path):
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def runs_of(records):
-    """The log split at each 'start' record: one list of records per run (what comes before the first is not)."""
-    runs = []
-    for record in records:
-        if record["type"] == "start":
-            runs.append([])
-        if runs:
-            runs[-1].append(record)
-    return runs
 
 
 @pytest.mark.parametrize("quantize", ["none", "4bit"])

@@ -8,11 +8,7 @@ import torch
 
 import training_script as ts
 from conftest import ROOT
-
-
-def tiny_config(models, **overrides):
-    return {"vit_model": str(models[0]), "gpt2_model": str(models[1]), "lora_r": 4, "lora_alpha": 8,
-            "lora_dropout": 0.0, "max_caption_tokens": 16, **overrides}
+from helpers import tiny_config
 
 
 def test_lora_targets_are_found_on_the_installed_transformers():

@@ -15,7 +15,7 @@ import torch
 
 import training_script as ts
 from conftest import ROOT, run_script, train_args
-from test_bad_input import cli, one_error_line
+from helpers import cli, one_error_line
 
 
 def snapshot(folder):

@@ -3,7 +3,6 @@
 The 4-bit tests use the 64-wide tiny models (tiny_models_4bit), the smallest on which bitsandbytes' packed CPU
 kernel runs, so inference takes the path a full-size model takes on this machine."""
 
-import json
 import re
 import sys
 
@@ -13,7 +12,7 @@ import torch
 import inference_script
 import training_script as ts
 from conftest import load_layout, run_script, train_args
-from test_bad_input import cli, one_error_line
+from helpers import cli, one_error_line, read_log, tiny_config
 
 CPU = torch.device("cpu")
 # ViT: q, k, v, o, fc1, fc2 per layer; GPT-2: c_attn, c_proj, c_fc, mlp c_proj per layer (lm_head stays float).
@@ -27,15 +26,6 @@ LINEAR4BIT_LAYERS = 2 * 6 + 2 * 4
 # garbles either model's adapters fails.
 KL_TOLERANCE = 0.01
 ADAPTER_CONTRAST = 5
-
-
-def tiny_config(models, **overrides):
-    return {"vit_model": str(models[0]), "gpt2_model": str(models[1]), "lora_r": 4, "lora_alpha": 8,
-            "lora_dropout": 0.0, "max_caption_tokens": 16, **overrides}
-
-
-def read_log(path):
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 @pytest.fixture(scope="module")

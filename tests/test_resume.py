@@ -8,8 +8,7 @@ import pytest
 
 import training_script as ts
 from conftest import train_args
-from test_bad_input import cli, one_error_line
-from test_interruptions import read_log, runs_of
+from helpers import cli, one_error_line, read_log, runs_of, interrupt_training_at
 
 PEAK = 1e-2
 
@@ -17,20 +16,6 @@ PEAK = 1e-2
 def batch_rates(records, batches_per_epoch):
     """{batch counted over all epochs, from 0: the learning rate it was trained with}."""
     return {(r["epoch"] - 1) * batches_per_epoch + r["step"] - 1: r["lr"] for r in records if r["type"] == "batch"}
-
-
-def interrupt_training_at(monkeypatch, call):
-    """The `call`-th training forward pass raises KeyboardInterrupt, as Ctrl+C there would."""
-    forward, calls = ts.Img2GPT.forward, []
-
-    def patched(self, *args, **kwargs):
-        if self.training:
-            calls.append(1)
-            if len(calls) == call:
-                raise KeyboardInterrupt
-        return forward(self, *args, **kwargs)
-
-    monkeypatch.setattr(ts.Img2GPT, "forward", patched)
 
 
 @pytest.fixture()

@@ -17,7 +17,7 @@ import pytest
 import inference_script
 import training_script as ts
 from conftest import ROOT, draw_shape, make_flickr_folder, train_args
-from test_bad_input import cli, one_error_line
+from helpers import cli, one_error_line
 
 FAST = ("--epochs", "1", "--batch-size", "16", "--eval-interval", "0")
 

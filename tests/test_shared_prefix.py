@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import training_script as ts
+from helpers import cli
 
 CAPTIONS = ["a red circle.", "one blue square on a white background.", "a cat.", "there is a green triangle here.",
             "a dog runs.", "x", "the picture shows a yellow circle."]
@@ -171,7 +172,6 @@ def test_beam_search_reads_each_prefix_once_and_writes_the_same_captions(tiny_mo
 def test_resuming_a_run_saved_with_rows_shuffled_one_by_one_says_so(flickr_dir, tiny_models, tmp_path, capsys,
                                                                       monkeypatch):
     from conftest import train_args
-    from test_bad_input import cli
 
     args = train_args(flickr_dir, tiny_models, tmp_path, "--epochs", "1", "--batch-size", "8", "--eval-interval", "0",
                       "--save-interval", "2")

@@ -16,8 +16,8 @@ from PIL import Image
 
 import training_script as ts
 from conftest import train_args
+from helpers import cli, one_error_line
 from streams import add_member, shape_samples, write_hf_dataset, write_shards
-from test_bad_input import cli, one_error_line
 
 
 @pytest.fixture(scope="module")

@@ -16,10 +16,8 @@ import pytest
 
 import training_script as ts
 from conftest import ROOT, draw_shape, run_script, train_args
+from helpers import cli, read_log, runs_of, interrupt_training_at
 from streams import shape_samples, write_hf_dataset, write_shards
-from test_bad_input import cli
-from test_interruptions import read_log, runs_of
-from test_resume import interrupt_training_at
 
 
 @pytest.fixture(scope="module")

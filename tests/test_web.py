@@ -1,7 +1,6 @@
 """The --web page: through gradio_client against the running server, and in a real headless Chromium."""
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -13,13 +12,7 @@ import requests
 
 import training_script as ts
 from conftest import ROOT, train_args
-
-
-def chromium_path():
-    for candidate in ("/usr/lib/chromium/chromium", shutil.which("chromium"), shutil.which("chromium-browser")):
-        if candidate and Path(candidate).exists():
-            return candidate
-    return None
+from helpers import chromium_path
 
 
 @pytest.fixture(scope="module")
