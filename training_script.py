@@ -9,6 +9,23 @@ By default (QUANTIZE "auto") both models are loaded in 4-bit NF4 and fine-tuned 
 and kept in full precision with the same LoRA on a CPU; "4bit" and "none" choose either on any device. After
 each epoch OUTPUT_DIR/img2gpt_epoch_N.pth holds the trained weights and the config that `inference_script.py`
 rebuilds the model from.
+
+The file in the order data flows (each section starts with a "# --- Name ---" line):
+
+    Settings (what users edit: hardware, data, model, training, decoding, interruptions): 51 lines
+    Internal tables: flag aliases, names the libraries use, layouts, what a run keeps: 75 lines
+    Configuration: flags, ranges, device and precision: 169 lines
+    Data: caption files in a folder: 349 lines
+    Data: streamed WebDataset shards and Hugging Face datasets: 379 lines
+    Data: the split: 157 lines
+    Data: images, datasets and loaders: 271 lines
+    Model: 320 lines
+    Captioning: 89 lines
+    Checkpoints: 180 lines
+    Evaluation: test-split scores and the gallery: 324 lines
+    Output folder, log and plot: 159 lines
+    Training: 469 lines
+    Main: the command line: 110 lines
 """
 
 import argparse
@@ -84,9 +101,14 @@ RESUME_FROM = None  # img2gpt_last.pth to continue a run from; "auto": OUTPUT_DI
 OVERWRITE = False  # start afresh in an OUTPUT_DIR that holds a run, deleting its checkpoints, log and plot
 MAX_BAD_BATCHES = 10  # non-finite losses in a row that stop training (each one is skipped, not applied)
 
+# ======================== End of the settings: nothing below this line needs editing ========================
+
 # Every UPPERCASE name bound to a plain value above is a setting with a flag (imported names are not).
 CONSTANTS = {name: value for name, value in dict(globals()).items()
              if name.isupper() and isinstance(value, (bool, int, float, str, type(None)))}
+
+
+# --- Internal tables: flag aliases, names the libraries use, layouts, what a run keeps ------------
 # Flags are --kebab-case of the constant; these also answer to the short names users know.
 FLAG_ALIASES = {
     "DEVICE_CHOICE": "--device",
@@ -161,6 +183,7 @@ warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", categ
 warnings.filterwarnings("ignore", message=".*gradient_checkpointing_enable.* is deprecated", category=FutureWarning)
 
 
+# --- Configuration: flags, ranges, device and precision -------------------------------------------
 class Img2GPTError(Exception):
     """A problem the user can fix (bad path, bad flag, bad data): shown as one line, no traceback."""
 
@@ -181,6 +204,7 @@ DECODING_RULES = {
     "no_repeat_ngram_size": (at_least(0), "0 (off) or more"),
     "repetition_penalty": (positive_finite, "a number above 0 (1.0: off)"),
 }
+
 TRAINING_RULES = {
     "num_workers": (at_least(0), "0 or more"),
     "val_images": (at_least(0), "0 or more"),
@@ -229,7 +253,6 @@ def check_settings(cfg, rules, aliases):
             raise Img2GPTError(f"{flag_of(name, aliases)} {shown(value)} is out of range: give {text}")
 
 
-# --- Configuration --------------------------------------------------------------------------------
 def parse_config(constants, argv=None, aliases=None, description=None, repeatable=(),
                  script=globals().get("__file__")):
     """Turn the constants block into flags (BATCH_SIZE -> --batch-size); returns a namespace of lowercase names.
@@ -329,7 +352,7 @@ def library_versions():
     return {"torch": str(torch.__version__), "transformers": str(transformers.__version__), "peft": str(peft.__version__)}
 
 
-# --- Data -----------------------------------------------------------------------------------------
+# --- Data: caption files in a folder --------------------------------------------------------------
 def download_dataset(handle):
     """kagglehub caches the download (~/.cache/kagglehub or $KAGGLEHUB_CACHE); public data needs no login."""
     import kagglehub
@@ -678,272 +701,7 @@ def drop_unusable_images(captions, image_dir, verbose=True):
     return kept, sorted(bad)
 
 
-def standard_dataset(image_names):
-    """Which of Karpathy's datasets ("flickr30k", "flickr8k", "coco") the images are, from how their files are
-    named, or None (your own images)."""
-    names = [Path(name).name for name in sorted(set(image_names))[:500]]
-    for dataset, pattern in STANDARD_IMAGE_NAMES.items():
-        if names and sum(bool(re.fullmatch(pattern, name)) for name in names) >= 0.9 * len(names):
-            return dataset
-    return None
-
-
-def karpathy_key(name, dataset):
-    """COCO images match by id (2014 and 2017 file names differ); Flickr's by file name."""
-    name = Path(name).name
-    return int(re.findall(r"\d+", name)[-1]) if dataset == "coco" and re.search(r"\d", name) else name
-
-
-def karpathy_split(path, image_names, dataset=None):
-    """(splits, {unknown split name: images}): Karpathy's train/val/test assignment (a dataset_*.json),
-    restricted to the images at hand, so scores compare with published ones; 'restval' and images the file does
-    not list train; an image it gives a split of no known name is left out (see group_by_split)."""
-    require_split_file(path)
-    try:
-        content = read_json(path)
-        dataset = dataset or content.get("dataset")
-        assignment = {karpathy_key(image["filename"], dataset): normalise_split(image.get("split"))
-                      for image in content["images"]}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise Img2GPTError(f"cannot read Karpathy split file '{path}' ({type(exc).__name__}): give a "
-                           "dataset_*.json, or --karpathy-split-file none") from None
-    return group_by_split((name, assignment.get(karpathy_key(name, dataset)) or "train") for name in set(image_names))
-
-
-def require_split_file(path):
-    """A --karpathy-split-file must be a regular file: reading a named pipe would wait forever."""
-    if not Path(path).is_file():
-        what = "is not a regular file (a named pipe or a device)" if Path(path).exists() else "does not exist"
-        raise Img2GPTError(f"Karpathy split file '{path}' {what}: give a dataset_*.json, or --karpathy-split-file "
-                           "auto / none")
-
-
-def group_by_split(assigned):
-    """(splits, {unknown split name: image count}) of (image, split) pairs, images sorted within each split.
-    A split named none of train/val/test (after normalise_split) is neither trained on nor held out: counted."""
-    from collections import Counter
-
-    splits, unknown = {"train": [], "val": [], "test": []}, Counter()
-    for name, split in sorted(assigned):
-        if split in splits:
-            splits[split].append(name)
-        else:
-            unknown[split] += 1
-    return splits, dict(unknown)
-
-
-def fetch_karpathy_split(dataset):
-    """Karpathy's dataset_<dataset>.json: from img2gpt's cache, else downloaded from Kaggle into it."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "img2gpt" / f"dataset_{dataset}.json"
-    if cache.is_file():
-        return cache
-    import kagglehub
-
-    try:
-        path = kagglehub.dataset_download(KARPATHY_SPLITS, path=f"caption_datasets/dataset_{dataset}.json")
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        data = Path(path).read_bytes()
-    except Exception as exc:  # no connection, no such file, a cache we cannot write: the caller falls back
-        reason = str(exc).split("\n")[0]
-        raise Img2GPTError(f"{type(exc).__name__}: {reason[:100]}{'...' if len(reason) > 100 else ''}") from None
-    write_atomically(cache, lambda file: file.write(data))
-    return cache
-
-
-def choose_split(cfg, captions, main=True):
-    """(splits, {unknown split name: images left out}, what the split is). KARPATHY_SPLIT_FILE "auto": the
-    data's own split when it has one (a split column, a Karpathy JSON), else Karpathy's for Flickr30k, Flickr8k
-    or COCO, downloaded once; when that fails, the seeded split, said loudly. A path: that file. "none": the
-    seeded split."""
-    names, choice = captions["image_name"], cfg.karpathy_split_file
-    seeded = f"seeded (seed {cfg.seed})"
-    if choice not in ("auto", "none"):
-        return *karpathy_split(choice, names), f"karpathy ({Path(choice).name})"
-    if choice == "auto" and "split" in captions:
-        first = captions.drop_duplicates("image_name")  # an image listed in two splits keeps its first
-        return *group_by_split(zip(first["image_name"], first["split"])), "the data's own split"
-    dataset = standard_dataset(names) if choice == "auto" else None
-    if dataset:
-        try:
-            splits, unknown = karpathy_split(fetch_karpathy_split(dataset), names, dataset)
-            if splits["val"] and splits["test"]:
-                return splits, unknown, f"karpathy ({dataset})"
-            seeded += f", none of Karpathy's {dataset} validation or test images are here"
-        except Img2GPTError as exc:
-            seeded += ", NOT Karpathy's: it could not be downloaded"
-            if main:
-                print(f"WARNING: Karpathy's {dataset} split could not be downloaded ({exc}). Using a seeded split: "
-                      "test scores are NOT comparable with published ones. Pass --karpathy-split-file with a "
-                      f"copy of dataset_{dataset}.json to use it.")
-    elif choice == "auto":
-        seeded += ", your own images have no standard split"
-    return split_by_image(names, cfg.val_images, cfg.test_images, cfg.seed), {}, seeded
-
-
-def split_by_image(image_names, val_images, test_images, seed):
-    """Deterministic train/val/test split of image names (never of captions, so no image leaks).
-    Small sets get at most 10% per held-out split but at least one image each once there are three."""
-    names = sorted(set(image_names))
-    random.Random(seed).shuffle(names)
-    n = len(names)
-    n_val = min(val_images, max(1, n // 10)) if n >= 3 else 0
-    n_test = min(test_images, max(1, n // 10)) if n >= 3 else 0
-    return {"train": names[n_val + n_test:], "val": names[:n_val], "test": names[n_val:n_val + n_test]}
-
-
-def load_image(source):
-    """An RGB PIL image from a path or file object: EXIF rotation applied, alpha composited on white.
-    Raises one of IMAGE_ERRORS for what is not a decodable image of a sane size."""
-    from PIL import ImageOps
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)  # over Pillow's pixel limit: refuse
-        image = ImageOps.exif_transpose(Image.open(source))
-        image.load()
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        image = image.convert("I").point(lambda v: v / 256).convert("L")  # 16-bit/float grayscale -> 8 bit
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        image = image.convert("RGBA")
-        background = Image.new("RGBA", image.size, "white")
-        image = Image.alpha_composite(background, image)
-    return image.convert("RGB")
-
-
-def preprocess(processor, images):
-    """(N, 3, H, W) pixel values by the encoder's own image processor (size and normalisation)."""
-    return processor(images=images, return_tensors="pt")["pixel_values"]
-
-
-class CaptionDataset(torch.utils.data.Dataset):
-    """Caption rows grouped by image: the rows of one image are consecutive and `groups` lists each image's row
-    indices. A batch (dataset[indices] through __getitems__) decodes each of its images once and gives
-    {pixel_values (images, 3, H, W), captions, image_index (which image each caption describes)}; an image that
-    fails to decode leaves its captions out, and a batch with none left is None."""
-
-    def __init__(self, rows, open_image, processor):
-        by_image = {}
-        for name, caption in rows:
-            by_image.setdefault(name, []).append(caption)
-        self.rows = [(name, caption) for name, captions in by_image.items() for caption in captions]
-        self.groups, first = [], 0
-        for captions in by_image.values():
-            self.groups.append(list(range(first, first + len(captions))))
-            first += len(captions)
-        self.open_image = open_image
-        self.processor = processor
-
-    def __len__(self):
-        return len(self.rows)
-
-    def pixels(self, name):
-        try:
-            return preprocess(self.processor, [self.open_image(name)])[0]
-        except IMAGE_ERRORS as exc:  # passed the up-front check (e.g. a JPEG cut short): left out here, by name
-            print(f"Left out {name}: not a decodable image ({type(exc).__name__}: {exc})", file=sys.stderr)
-            return None
-
-    def __getitem__(self, index):
-        name, caption = self.rows[index]
-        pixels = self.pixels(name)
-        return None if pixels is None else (pixels, caption)
-
-    def __getitems__(self, indices):
-        images = {}  # name -> pixels, in the order the batch first names each image
-        for name in dict.fromkeys(self.rows[i][0] for i in indices):
-            if (pixels := self.pixels(name)) is not None:
-                images[name] = pixels
-        kept = [i for i in indices if self.rows[i][0] in images]
-        if not kept:
-            return None
-        position = {name: k for k, name in enumerate(images)}
-        return {"pixel_values": torch.stack(list(images.values())), "captions": [self.rows[i][1] for i in kept],
-                "image_index": torch.tensor([position[self.rows[i][0]] for i in kept])}
-
-
-def tokenize_captions(tokenizer, captions, max_tokens):
-    """input_ids, attention_mask, labels. EOS is appended and kept as a target so captions learn to end.
-    Padding uses EOS too, so labels come from the attention mask: -100 only on padding."""
-    ids = [tokenizer(c, add_special_tokens=False, truncation=True, max_length=max_tokens - 1)["input_ids"]
-           + [tokenizer.eos_token_id] for c in captions]
-    batch = tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
-    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    return dict(batch)
-
-
-def collate_batch(batch, tokenizer, max_tokens):
-    """The model's inputs for a batch from CaptionDataset.__getitems__ or StreamBatches, with a stream batch's
-    `keys` and `where` beside them (None, or a stream batch with no captions, stays as it is)."""
-    if batch is None or "captions" not in batch:
-        return batch
-    return {"pixel_values": batch["pixel_values"], "image_index": batch["image_index"],
-            **tokenize_captions(tokenizer, batch["captions"], max_tokens),
-            **{key: batch[key] for key in ("keys", "where") if key in batch}}
-
-
-def make_datasets(data, processor):
-    """A CaptionDataset of every caption row of the train and of the val images; streamed data trains from
-    StreamBatches (made per epoch by make_loader) and keeps only its held-out validation rows here."""
-    datasets = {"train": None}
-    for split in ("val",) if data.stream else ("train", "val"):
-        rows = data.captions[data.captions["image_name"].isin(set(data.splits[split]))]
-        datasets[split] = CaptionDataset(zip(rows["image_name"], rows["caption"]), data.open_image, processor)
-    return datasets
-
-
-class EpochBatchSampler(torch.utils.data.Sampler):
-    """This process's batches of one epoch, in an order fixed by (seed, epoch), from its batch `start` on: a
-    resumed run sees exactly the batches the interrupted one had not, without decoding the ones it skips.
-    `groups` are the row indices of each image (an int n: n images of one row each). The images are shuffled
-    and their rows, kept together, cut into batches of batch_size rows: each batch holds whole images, but for
-    the first and last, whose other rows may fall in the batch before or after it. Every row is trained once
-    per epoch. With several processes (data parallel), process `rank` of `world` takes every world-th batch, and
-    all take the same number of them (DDP steps in lockstep), so a last incomplete round is left out."""
-
-    def __init__(self, groups, batch_size, seed, epoch, start=0, rank=0, world=1):
-        groups = [[i] for i in range(groups)] if isinstance(groups, int) else groups
-        shuffled = torch.randperm(len(groups), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        order = [row for image in shuffled.tolist() for row in groups[image]]
-        batches = [order[first:first + batch_size] for first in range(0, len(order), batch_size)]
-        self.batches = batches[rank::world][:len(batches) // world][start:]
-
-    def __len__(self):
-        return len(self.batches)
-
-    def __iter__(self):
-        return iter(self.batches)
-
-
-def make_loader(dataset, tokenizer, cfg, epoch=None, start=0, rank=0, world=1):
-    """Training batches in the seeded order of `epoch` from batch `start` on; validation (epoch None) in order.
-    Each of `world` processes gets its own share. A StreamBatches dataset (streamed data) batches itself."""
-    collate = partial(collate_batch, tokenizer=tokenizer, max_tokens=cfg.max_caption_tokens)
-    if isinstance(dataset, StreamBatches):
-        return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers, collate_fn=collate,
-                                           pin_memory=torch.cuda.is_available(), worker_init_fn=drop_inherited_lock)
-    if epoch is None:
-        everything = torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(dataset), cfg.batch_size, False)
-        sampler = list(everything)[rank::world]
-    else:
-        sampler = EpochBatchSampler(dataset.groups, cfg.batch_size, cfg.seed, epoch, start, rank, world)
-    # Its own generator: the loader's worker seed is drawn from it, not from the global RNG that dropout uses,
-    # so a resumed run's dropout masks continue exactly where the saved RNG state left them.
-    return torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(),
-        collate_fn=collate, generator=torch.Generator().manual_seed(cfg.seed), worker_init_fn=drop_inherited_lock)
-
-
-def drop_inherited_lock(worker_id=None):
-    """In a DataLoader worker: close the copy of OUTPUT_DIR's lock file it inherited from the training process.
-    An flock lasts while any copy is open, so a worker left alive by an interrupted run (a notebook keeps the
-    traceback and with it the loader) would otherwise refuse the --resume run in the same kernel."""
-    fds = Path("/proc/self/fd")
-    for fd in fds.iterdir() if fds.is_dir() else []:
-        with contextlib.suppress(OSError):
-            if os.readlink(fd).endswith(f"/{LOCK_FILE}"):
-                os.close(int(fd.name))
-
-
-# --- Streamed data: WebDataset shards and Hugging Face datasets -----------------------------------
+# --- Data: streamed WebDataset shards and Hugging Face datasets -----------------------------------
 # Data that outgrows a folder is read as streams of samples from units (one tar shard, or one file of a Hugging
 # Face dataset), never unpacked to disk: one counting pass learns how many caption rows each unit holds for
 # training and keeps the few held-out validation and test samples in memory; each epoch every (process, worker)
@@ -1287,14 +1045,6 @@ def short_digest(lines):
     return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()[:16]
 
 
-def image_from_bytes(images, name):
-    return load_image(io.BytesIO(images[name]))
-
-
-def image_in_folder(folder, name):
-    return load_image(Path(folder) / name)
-
-
 def deal_units(train_rows, world, workers):
     """Which units each (process, worker) slot reads, slot = rank * workers + worker, fixed for the run (so every
     epoch has as many batches): units dealt to processes, then to each process's workers, each unit to the one
@@ -1328,6 +1078,294 @@ def batch_sizes(slot_rows, batch_size, world, workers):
             fullest = max(room, key=lambda s: (slot_rows[s] / counts[s] if counts[s] else math.inf, -s))
             counts[fullest] += 1
     return [[rows // count + (k < rows % count) for k in range(count)] for rows, count in zip(slot_rows, counts)]
+
+
+# --- Data: the split ------------------------------------------------------------------------------
+def standard_dataset(image_names):
+    """Which of Karpathy's datasets ("flickr30k", "flickr8k", "coco") the images are, from how their files are
+    named, or None (your own images)."""
+    names = [Path(name).name for name in sorted(set(image_names))[:500]]
+    for dataset, pattern in STANDARD_IMAGE_NAMES.items():
+        if names and sum(bool(re.fullmatch(pattern, name)) for name in names) >= 0.9 * len(names):
+            return dataset
+    return None
+
+
+def karpathy_key(name, dataset):
+    """COCO images match by id (2014 and 2017 file names differ); Flickr's by file name."""
+    name = Path(name).name
+    return int(re.findall(r"\d+", name)[-1]) if dataset == "coco" and re.search(r"\d", name) else name
+
+
+def karpathy_split(path, image_names, dataset=None):
+    """(splits, {unknown split name: images}): Karpathy's train/val/test assignment (a dataset_*.json),
+    restricted to the images at hand, so scores compare with published ones; 'restval' and images the file does
+    not list train; an image it gives a split of no known name is left out (see group_by_split)."""
+    require_split_file(path)
+    try:
+        content = read_json(path)
+        dataset = dataset or content.get("dataset")
+        assignment = {karpathy_key(image["filename"], dataset): normalise_split(image.get("split"))
+                      for image in content["images"]}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise Img2GPTError(f"cannot read Karpathy split file '{path}' ({type(exc).__name__}): give a "
+                           "dataset_*.json, or --karpathy-split-file none") from None
+    return group_by_split((name, assignment.get(karpathy_key(name, dataset)) or "train") for name in set(image_names))
+
+
+def require_split_file(path):
+    """A --karpathy-split-file must be a regular file: reading a named pipe would wait forever."""
+    if not Path(path).is_file():
+        what = "is not a regular file (a named pipe or a device)" if Path(path).exists() else "does not exist"
+        raise Img2GPTError(f"Karpathy split file '{path}' {what}: give a dataset_*.json, or --karpathy-split-file "
+                           "auto / none")
+
+
+def group_by_split(assigned):
+    """(splits, {unknown split name: image count}) of (image, split) pairs, images sorted within each split.
+    A split named none of train/val/test (after normalise_split) is neither trained on nor held out: counted."""
+    from collections import Counter
+
+    splits, unknown = {"train": [], "val": [], "test": []}, Counter()
+    for name, split in sorted(assigned):
+        if split in splits:
+            splits[split].append(name)
+        else:
+            unknown[split] += 1
+    return splits, dict(unknown)
+
+
+def fetch_karpathy_split(dataset):
+    """Karpathy's dataset_<dataset>.json: from img2gpt's cache, else downloaded from Kaggle into it."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "img2gpt" / f"dataset_{dataset}.json"
+    if cache.is_file():
+        return cache
+    import kagglehub
+
+    try:
+        path = kagglehub.dataset_download(KARPATHY_SPLITS, path=f"caption_datasets/dataset_{dataset}.json")
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        data = Path(path).read_bytes()
+    except Exception as exc:  # no connection, no such file, a cache we cannot write: the caller falls back
+        reason = str(exc).split("\n")[0]
+        raise Img2GPTError(f"{type(exc).__name__}: {reason[:100]}{'...' if len(reason) > 100 else ''}") from None
+    write_atomically(cache, lambda file: file.write(data))
+    return cache
+
+
+def choose_split(cfg, captions, main=True):
+    """(splits, {unknown split name: images left out}, what the split is). KARPATHY_SPLIT_FILE "auto": the
+    data's own split when it has one (a split column, a Karpathy JSON), else Karpathy's for Flickr30k, Flickr8k
+    or COCO, downloaded once; when that fails, the seeded split, said loudly. A path: that file. "none": the
+    seeded split."""
+    names, choice = captions["image_name"], cfg.karpathy_split_file
+    seeded = f"seeded (seed {cfg.seed})"
+    if choice not in ("auto", "none"):
+        return *karpathy_split(choice, names), f"karpathy ({Path(choice).name})"
+    if choice == "auto" and "split" in captions:
+        first = captions.drop_duplicates("image_name")  # an image listed in two splits keeps its first
+        return *group_by_split(zip(first["image_name"], first["split"])), "the data's own split"
+    dataset = standard_dataset(names) if choice == "auto" else None
+    if dataset:
+        try:
+            splits, unknown = karpathy_split(fetch_karpathy_split(dataset), names, dataset)
+            if splits["val"] and splits["test"]:
+                return splits, unknown, f"karpathy ({dataset})"
+            seeded += f", none of Karpathy's {dataset} validation or test images are here"
+        except Img2GPTError as exc:
+            seeded += ", NOT Karpathy's: it could not be downloaded"
+            if main:
+                print(f"WARNING: Karpathy's {dataset} split could not be downloaded ({exc}). Using a seeded split: "
+                      "test scores are NOT comparable with published ones. Pass --karpathy-split-file with a "
+                      f"copy of dataset_{dataset}.json to use it.")
+    elif choice == "auto":
+        seeded += ", your own images have no standard split"
+    return split_by_image(names, cfg.val_images, cfg.test_images, cfg.seed), {}, seeded
+
+
+def split_by_image(image_names, val_images, test_images, seed):
+    """Deterministic train/val/test split of image names (never of captions, so no image leaks).
+    Small sets get at most 10% per held-out split but at least one image each once there are three."""
+    names = sorted(set(image_names))
+    random.Random(seed).shuffle(names)
+    n = len(names)
+    n_val = min(val_images, max(1, n // 10)) if n >= 3 else 0
+    n_test = min(test_images, max(1, n // 10)) if n >= 3 else 0
+    return {"train": names[n_val + n_test:], "val": names[:n_val], "test": names[n_val:n_val + n_test]}
+
+
+def train_split_digest(splits):
+    """A short fingerprint of the training images: a resume must see the same ones in the same order."""
+    return {"images": len(splits["train"]), "sha256": short_digest(sorted(splits["train"]))}
+
+
+def prepare_data(cfg, main=True):
+    """Captions of the usable images, their folder, and the split (Karpathy's when its file is given); for
+    shards and Hugging Face datasets, their counting pass (index_stream). Only the main process reports."""
+    if stream_kind(cfg):
+        return index_stream(cfg, main)
+    if cfg.karpathy_split_file not in ("auto", "none"):
+        require_split_file(cfg.karpathy_split_file)  # before minutes of reading and checking images
+    data_dir = Path(cfg.data_dir or download_dataset(cfg.kaggle_dataset))
+    kind, files = find_layout(data_dir)
+    captions, image_dir, skipped = load_captions(kind, files, data_dir)
+    if main:
+        print(f"Data: {LAYOUTS[kind]}: {', '.join(map(str, files))}, {len(captions):,} captions of "
+              f"{captions['image_name'].nunique():,} images"
+              + (f"; skipped {skipped:,} malformed, blank or repeated rows" if skipped else ""))
+    outside = [] if cfg.allow_outside_data_dir else outside_data_dir(captions["image_name"], image_dir, data_dir)
+    if outside:
+        captions = captions[~captions["image_name"].isin(set(outside))].reset_index(drop=True)
+        if captions.empty:
+            raise Img2GPTError(f"every image the captions name lies outside --data-dir '{data_dir}' (e.g. "
+                               f"'{outside[0]}'): pass --allow-outside-data-dir if they are yours to read")
+        if main:
+            print(f"Left out {len(outside):,} images named outside --data-dir (e.g. '{outside[0]}'): caption files "
+                  "may only name images inside it (--allow-outside-data-dir reads them)")
+    captions, left_out = drop_unusable_images(captions, image_dir, verbose=main)
+    splits, unknown_splits, split_name = choose_split(cfg, captions, main)
+    if unknown_splits and main:
+        print(f"Left out {sum(unknown_splits.values()):,} images whose split is not train, val or test: "
+              + ", ".join(f"'{name}' ({count:,})" for name, count in sorted(unknown_splits.items()))
+              + f" (known spellings: {', '.join(sorted(SPLIT_NAMES))})")
+    train_rows = captions["image_name"].isin(set(splits["train"]))
+    return types.SimpleNamespace(captions=captions, image_dir=image_dir, left_out=outside + left_out, splits=splits,
+                                 split_name=split_name, layout=kind, caption_files=files, skipped_rows=skipped,
+                                 unknown_splits=unknown_splits, open_image=partial(image_in_folder, image_dir),
+                                 left_out_count=len(outside + left_out),
+                                 stream=None, train_images=len(splits["train"]), train_captions=int(train_rows.sum()),
+                                 train_split=train_split_digest(splits))
+
+
+# --- Data: images, datasets and loaders -----------------------------------------------------------
+def load_image(source):
+    """An RGB PIL image from a path or file object: EXIF rotation applied, alpha composited on white.
+    Raises one of IMAGE_ERRORS for what is not a decodable image of a sane size."""
+    from PIL import ImageOps
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # over Pillow's pixel limit: refuse
+        image = ImageOps.exif_transpose(Image.open(source))
+        image.load()
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        image = image.convert("I").point(lambda v: v / 256).convert("L")  # 16-bit/float grayscale -> 8 bit
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, "white")
+        image = Image.alpha_composite(background, image)
+    return image.convert("RGB")
+
+
+def preprocess(processor, images):
+    """(N, 3, H, W) pixel values by the encoder's own image processor (size and normalisation)."""
+    return processor(images=images, return_tensors="pt")["pixel_values"]
+
+
+def image_from_bytes(images, name):
+    return load_image(io.BytesIO(images[name]))
+
+
+def image_in_folder(folder, name):
+    return load_image(Path(folder) / name)
+
+
+class CaptionDataset(torch.utils.data.Dataset):
+    """Caption rows grouped by image: the rows of one image are consecutive and `groups` lists each image's row
+    indices. A batch (dataset[indices] through __getitems__) decodes each of its images once and gives
+    {pixel_values (images, 3, H, W), captions, image_index (which image each caption describes)}; an image that
+    fails to decode leaves its captions out, and a batch with none left is None."""
+
+    def __init__(self, rows, open_image, processor):
+        by_image = {}
+        for name, caption in rows:
+            by_image.setdefault(name, []).append(caption)
+        self.rows = [(name, caption) for name, captions in by_image.items() for caption in captions]
+        self.groups, first = [], 0
+        for captions in by_image.values():
+            self.groups.append(list(range(first, first + len(captions))))
+            first += len(captions)
+        self.open_image = open_image
+        self.processor = processor
+
+    def __len__(self):
+        return len(self.rows)
+
+    def pixels(self, name):
+        try:
+            return preprocess(self.processor, [self.open_image(name)])[0]
+        except IMAGE_ERRORS as exc:  # passed the up-front check (e.g. a JPEG cut short): left out here, by name
+            print(f"Left out {name}: not a decodable image ({type(exc).__name__}: {exc})", file=sys.stderr)
+            return None
+
+    def __getitem__(self, index):
+        name, caption = self.rows[index]
+        pixels = self.pixels(name)
+        return None if pixels is None else (pixels, caption)
+
+    def __getitems__(self, indices):
+        images = {}  # name -> pixels, in the order the batch first names each image
+        for name in dict.fromkeys(self.rows[i][0] for i in indices):
+            if (pixels := self.pixels(name)) is not None:
+                images[name] = pixels
+        kept = [i for i in indices if self.rows[i][0] in images]
+        if not kept:
+            return None
+        position = {name: k for k, name in enumerate(images)}
+        return {"pixel_values": torch.stack(list(images.values())), "captions": [self.rows[i][1] for i in kept],
+                "image_index": torch.tensor([position[self.rows[i][0]] for i in kept])}
+
+
+def tokenize_captions(tokenizer, captions, max_tokens):
+    """input_ids, attention_mask, labels. EOS is appended and kept as a target so captions learn to end.
+    Padding uses EOS too, so labels come from the attention mask: -100 only on padding."""
+    ids = [tokenizer(c, add_special_tokens=False, truncation=True, max_length=max_tokens - 1)["input_ids"]
+           + [tokenizer.eos_token_id] for c in captions]
+    batch = tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
+    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    return dict(batch)
+
+
+def collate_batch(batch, tokenizer, max_tokens):
+    """The model's inputs for a batch from CaptionDataset.__getitems__ or StreamBatches, with a stream batch's
+    `keys` and `where` beside them (None, or a stream batch with no captions, stays as it is)."""
+    if batch is None or "captions" not in batch:
+        return batch
+    return {"pixel_values": batch["pixel_values"], "image_index": batch["image_index"],
+            **tokenize_captions(tokenizer, batch["captions"], max_tokens),
+            **{key: batch[key] for key in ("keys", "where") if key in batch}}
+
+
+def make_datasets(data, processor):
+    """A CaptionDataset of every caption row of the train and of the val images; streamed data trains from
+    StreamBatches (made per epoch by make_loader) and keeps only its held-out validation rows here."""
+    datasets = {"train": None}
+    for split in ("val",) if data.stream else ("train", "val"):
+        rows = data.captions[data.captions["image_name"].isin(set(data.splits[split]))]
+        datasets[split] = CaptionDataset(zip(rows["image_name"], rows["caption"]), data.open_image, processor)
+    return datasets
+
+
+class EpochBatchSampler(torch.utils.data.Sampler):
+    """This process's batches of one epoch, in an order fixed by (seed, epoch), from its batch `start` on: a
+    resumed run sees exactly the batches the interrupted one had not, without decoding the ones it skips.
+    `groups` are the row indices of each image (an int n: n images of one row each). The images are shuffled
+    and their rows, kept together, cut into batches of batch_size rows: each batch holds whole images, but for
+    the first and last, whose other rows may fall in the batch before or after it. Every row is trained once
+    per epoch. With several processes (data parallel), process `rank` of `world` takes every world-th batch, and
+    all take the same number of them (DDP steps in lockstep), so a last incomplete round is left out."""
+
+    def __init__(self, groups, batch_size, seed, epoch, start=0, rank=0, world=1):
+        groups = [[i] for i in range(groups)] if isinstance(groups, int) else groups
+        shuffled = torch.randperm(len(groups), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        order = [row for image in shuffled.tolist() for row in groups[image]]
+        batches = [order[first:first + batch_size] for first in range(0, len(order), batch_size)]
+        self.batches = batches[rank::world][:len(batches) // world][start:]
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        return iter(self.batches)
 
 
 class StreamBatches(torch.utils.data.IterableDataset):
@@ -1413,6 +1451,61 @@ class StreamBatches(torch.utils.data.IterableDataset):
         return {"pixel_values": torch.stack(list(images.values())), "captions": [c for _, c in kept],
                 "image_index": torch.tensor([position[name] for name, _ in kept]), "keys": list(images),
                 "where": where}
+
+
+def train_batches(data, processor, cfg, epoch, rank, world, progress=None):
+    """StreamBatches of this process for `epoch` of streamed data, each slot from its `progress` on."""
+    return StreamBatches(data.stream, processor, cfg.batch_size, cfg.seed, epoch, rank, world,
+                         max(1, cfg.num_workers), progress)
+
+
+def make_loader(dataset, tokenizer, cfg, epoch=None, start=0, rank=0, world=1):
+    """Training batches in the seeded order of `epoch` from batch `start` on; validation (epoch None) in order.
+    Each of `world` processes gets its own share. A StreamBatches dataset (streamed data) batches itself."""
+    collate = partial(collate_batch, tokenizer=tokenizer, max_tokens=cfg.max_caption_tokens)
+    if isinstance(dataset, StreamBatches):
+        return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers, collate_fn=collate,
+                                           pin_memory=torch.cuda.is_available(), worker_init_fn=drop_inherited_lock)
+    if epoch is None:
+        everything = torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(dataset), cfg.batch_size, False)
+        sampler = list(everything)[rank::world]
+    else:
+        sampler = EpochBatchSampler(dataset.groups, cfg.batch_size, cfg.seed, epoch, start, rank, world)
+    # Its own generator: the loader's worker seed is drawn from it, not from the global RNG that dropout uses,
+    # so a resumed run's dropout masks continue exactly where the saved RNG state left them.
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(),
+        collate_fn=collate, generator=torch.Generator().manual_seed(cfg.seed), worker_init_fn=drop_inherited_lock)
+
+
+def drop_inherited_lock(worker_id=None):
+    """In a DataLoader worker: close the copy of OUTPUT_DIR's lock file it inherited from the training process.
+    An flock lasts while any copy is open, so a worker left alive by an interrupted run (a notebook keeps the
+    traceback and with it the loader) would otherwise refuse the --resume run in the same kernel."""
+    fds = Path("/proc/self/fd")
+    for fd in fds.iterdir() if fds.is_dir() else []:
+        with contextlib.suppress(OSError):
+            if os.readlink(fd).endswith(f"/{LOCK_FILE}"):
+                os.close(int(fd.name))
+
+
+def sample_set(captions, names, open_image, processor, count):
+    """The fixed validation images captioned at every sample round (the first `count` of `names` that decode),
+    with their first reference caption. One that passed the up-front check but does not decode is left out
+    by name."""
+    first = captions.drop_duplicates("image_name").set_index("image_name")["caption"]
+    chosen, images = [], []
+    for name in names:
+        if len(chosen) == count:
+            break
+        try:
+            images.append(open_image(name))
+            chosen.append(name)
+        except IMAGE_ERRORS as exc:
+            print(f"Left out sample image {name}: not a decodable image ({type(exc).__name__}: {exc})")
+    if not chosen:
+        return None
+    return {"names": chosen, "references": [first[n] for n in chosen], "pixel_values": preprocess(processor, images)}
 
 
 # --- Model ----------------------------------------------------------------------------------------
@@ -1724,6 +1817,18 @@ def build_model(model_config, device, announce=lambda step: None, quantize="auto
     return model, tokenizer, processor, config
 
 
+def merge_lora(model):
+    """Fold both LoRAs into their base weights for full-precision inference: the same outputs, without the
+    adapters' extra matmuls on every layer and token. Never on a 4-bit model: merging into 4-bit weights
+    would round the adapters away, so it keeps them."""
+    if model.quantized:
+        raise ValueError("merge_lora on a 4-bit model would round its LoRA weights away")
+    model.vision = model.vision.merge_and_unload()
+    model.lm = model.lm.merge_and_unload()
+    return model
+
+
+# --- Captioning -----------------------------------------------------------------------------------
 def decoding_settings(cfg):
     """The generate() settings of a run, the same for sample captions, evaluation and inference."""
     return {"max_new_tokens": cfg.max_new_tokens, "num_beams": cfg.num_beams,
@@ -1757,17 +1862,6 @@ def prefilled_cache(lm, prefix, mask, beams):
     cache = out["cache"] if "cache" in out else out["past_key_values"]  # 5.24 renamed past_key_values to cache
     cache.batch_repeat_interleave(beams)  # generate() orders beams image by image
     return {"cache" if "cache" in inspect.signature(causal_lm(lm).forward).parameters else "past_key_values": cache}
-
-
-def merge_lora(model):
-    """Fold both LoRAs into their base weights for full-precision inference: the same outputs, without the
-    adapters' extra matmuls on every layer and token. Never on a 4-bit model: merging into 4-bit weights
-    would round the adapters away, so it keeps them."""
-    if model.quantized:
-        raise ValueError("merge_lora on a 4-bit model would round its LoRA weights away")
-    model.vision = model.vision.merge_and_unload()
-    model.lm = model.lm.merge_and_unload()
-    return model
 
 
 def prefetch(function, items, ahead, workers=4):
@@ -1858,11 +1952,6 @@ def write_atomically(path, write):
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-
-
-DIVERGED = ("training diverged{where}: lower --learning-rate and --resume auto (it continues from img2gpt_last.pth, "
-            "the last save before it, or starts afresh when there was none); if it diverges again from there, that "
-            "save already holds the damage: start over with --overwrite and a lower --learning-rate")
 
 
 def non_finite_parts(weights):
@@ -2008,14 +2097,16 @@ def rebuild_from_checkpoint(state, device, vit_model=None, gpt2_model=None, anno
     return model.eval(), tokenizer, processor
 
 
-# --- Evaluation -----------------------------------------------------------------------------------
+# --- Evaluation: test-split scores and the gallery ------------------------------------------------
 # What the Stanford PTB tokenizer makes of brackets (-lowerCase leaves them in the lower case that the COCO
 # scorers' punctuation list, written in upper case, does not remove), abbreviations that keep their period, and
 # one token of PTB's: a clitic, 'n', an initialism (u.s.), a word with inner - ' / : . , & (t-shirt, 1,000,
 # and/or), a repeated ! or ?, an ellipsis, a double dash, or any other single character.
 PTB_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
+
 PTB_ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "st", "jr", "sr", "vs", "etc", "inc", "co", "mt", "ave", "no", "prof",
                      "gen", "lt", "sgt", "capt"}
+
 PTB_TOKEN = re.compile(r"'n'|n't\b|'(?:s|re|ve|ll|d|m)\b|(?:[a-z]\.){2,}|\w+(?:[-'/:.,&]\w+)*\.?|([!?])\1+|"
                        r"\.\.\.|--|\S")
 
@@ -2138,8 +2229,10 @@ def meteor_score(gts, res):
 
 
 GALLERY_THUMBNAIL = 256  # longest side of the images embedded in a gallery page, in pixels
+
 # Near the top of every page Img2GPT writes: --html writes over no file without it.
 GALLERY_MARK = '<meta name="generator" content="Img2GPT">'
+
 # The card layout, shared by the pages and the web page's gallery tab.
 GALLERY_STYLE = """
 #cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(280px, 1fr)); gap: 1em; }
@@ -2151,6 +2244,7 @@ GALLERY_STYLE = """
 .references { margin: .3em 0 0 1.1em; padding: 0; font-size: .9em; color: #444; }
 .scores { font-size: .85em; color: #555; } .error { color: #b00; }
 """
+
 GALLERY_PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">{mark}
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline';
@@ -2327,346 +2421,7 @@ def evaluate_checkpoint(cfg):
     return evaluate_on_test(model, tokenizer, processor, data, cfg, checkpoint_name, path, identity)
 
 
-# --- Training -------------------------------------------------------------------------------------
-class JsonlLog:
-    """training_log.jsonl: one JSON record per line, flushed at once so a disconnect loses nothing."""
-
-    def __init__(self, path, enabled=True):
-        self.path, self.file = Path(path), None
-        if enabled:  # in data-parallel training only the main process writes
-            self.file = open(self.path, "a", encoding="utf-8")
-            if self.path.stat().st_size and not self.path.read_bytes().endswith(b"\n"):
-                self.file.write("\n")  # a run killed mid-line: start on a fresh line
-
-    def write(self, **record):
-        if self.file:  # NaN and inf are not JSON: they are written as null
-            record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-            self.file.write(json.dumps(record, allow_nan=False) + "\n")
-            self.file.flush()
-
-    def close(self):
-        if self.file:
-            self.file.close()
-
-
-def autocast(device, compute_dtype):
-    return torch.autocast(device.type, dtype=compute_dtype, enabled=device.type == "cuda")
-
-
-def sample_captions(run, epoch, step):
-    """Print and log captions of the fixed sample images beside one reference caption each."""
-    from tqdm.auto import tqdm
-
-    samples = run.samples
-    captions = generate_captions(run.model, run.tokenizer, samples["pixel_values"].to(run.device),
-                                 **decoding_settings(run.cfg))
-    pairs = list(zip(samples["names"], captions, samples["references"]))
-    tqdm.write(f"Sample captions after epoch {epoch} step {step}:\n"
-               + "\n".join(f"  {name}: {caption!r}  (reference: {ref!r})" for name, caption, ref in pairs))
-    run.log.write(type="samples", epoch=epoch, step=step,
-                  samples=[{"image": n, "generated": c, "reference": r} for n, c, r in pairs])
-
-
-def new_tally():
-    """What an epoch adds up as it goes: its applied losses, caption rows trained and seconds of training."""
-    return {"loss_sum": 0.0, "loss_count": 0, "captions": 0, "seconds": 0.0}
-
-
-def training_state(run, epoch, step, tally, progress=None):
-    """Everything besides the weights that a resumed run needs, as plain types and tensors."""
-    return {"epoch": epoch, "step": step, "batch_size": run.cfg.batch_size, "seed": run.cfg.seed,
-            "stream_progress": progress, "stream_slots": max(1, run.cfg.num_workers) if run.data.stream else None,
-            "processes": run.world, "settings": run.settings, "train_split": run.train_split,
-            **tally, "optimizer": run.optimizer.state_dict(),
-            "schedule": run.schedule, "scaler": run.scaler.state_dict(), "batch_order": BATCH_ORDER,
-            "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
-
-
-def save_last(run, epoch, step, tally=None):
-    """OUTPUT_DIR/img2gpt_last.pth: weights plus training state after `step` batches of `epoch`. Streamed data
-    saves how many batches each slot trained, gathered from every process (each knows its own)."""
-    progress = run.progress if run.data.stream and step else None
-    if progress and run.world > 1:
-        gathered = [None] * run.world
-        torch.distributed.all_gather_object(gathered, progress)
-        progress = [max(values) for values in zip(*gathered)]
-    if run.main:
-        save_checkpoint(run.output_dir / "img2gpt_last.pth", run.model, run.model_config,
-                        {"training_state": training_state(run, epoch, step, tally or new_tally(), progress),
-                         "run_id": run.run_id})
-
-
-def linear_schedule(warmup, total):
-    """The learning-rate plan of a fresh run: linear warm-up to the peak over `warmup` batches, then a straight
-    line down to 0 at batch `total` (what transformers' get_linear_schedule_with_warmup does), as plain numbers
-    that a checkpoint stores and a resume can extend."""
-    return {"warmup": warmup, "from_step": warmup, "from_factor": 1.0, "total": total}
-
-
-def schedule_factor(plan, step):
-    """The fraction of the peak --learning-rate used at batch `step` (counted over all epochs)."""
-    if step < plan["warmup"]:
-        return step / plan["warmup"]
-    return plan["from_factor"] * max(0, plan["total"] - step) / max(1, plan["total"] - plan["from_step"])
-
-
-def extend_schedule(plan, step, total):
-    """The plan of a resume at batch `step` whose --epochs make `total` batches. Past the warm-up, a new line
-    from where the rate stands down to 0 at the new end, so more (or fewer) epochs never make it jump; epochs
-    added to a run that ended, whose rate reached 0, go from the peak down to 0 (at 0 they would learn nothing)."""
-    if total == plan["total"]:
-        return plan
-    if step < plan["warmup"]:
-        return {**plan, "total": total}
-    start = 1.0 if step >= plan["total"] else schedule_factor(plan, step)
-    return {**plan, "from_step": step, "from_factor": start, "total": total}
-
-
-def make_scheduler(optimizer, plan, peak, step):
-    """A LambdaLR following `plan` under the peak rate `peak`, standing at batch `step`."""
-    for group in optimizer.param_groups:  # a resume's optimizer state brings the saved rate: the peak given wins
-        group["lr"] = group["initial_lr"] = peak
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(schedule_factor, plan), last_epoch=step - 1)
-
-
-def train_split_digest(splits):
-    """A short fingerprint of the training images: a resume must see the same ones in the same order."""
-    return {"images": len(splits["train"]), "sha256": short_digest(sorted(splits["train"]))}
-
-
-def check_resume(cfg, state, processes):
-    """The model config a resume rebuilds, checked against the run's settings before anything slow loads: what
-    the batch order or the trained weights depend on must be as saved; --vit-model / --gpt2-model, when set,
-    name other copies of the base models (their families are checked when they load)."""
-    train = state.get("training_state")
-    if train is None:
-        raise Img2GPTError("this checkpoint holds no training state (epoch files hold weights only): "
-                           "resume from img2gpt_last.pth in the same OUTPUT_DIR")
-    saved = (train["batch_size"], train["seed"], train.get("processes", 1))
-    if saved != (cfg.batch_size, cfg.seed, processes):
-        raise Img2GPTError(f"resume with the run's own --batch-size {saved[0]}, --seed {saved[1]} and {saved[2]} "
-                           "process(es): the batch order depends on them")
-    slots = train.get("stream_slots")
-    if slots and slots != max(1, cfg.num_workers):
-        raise Img2GPTError(f"resume with the run's own --num-workers {slots}: its shards are dealt to that many "
-                           "workers per process")
-    config = dict(state["config"])
-    fixed = {name: {**MODEL_CONFIG_DEFAULTS, **config}.get(name) for name in RESUME_FIXED}
-    fixed["warmup_steps"] = train.get("settings", {}).get("warmup_steps", cfg.warmup_steps)
-    for name, was in fixed.items():
-        if getattr(cfg, name) != was:
-            flag = flag_of(name, FLAG_ALIASES)
-            what = "schedule depends" if name == "warmup_steps" else "trained weights depend"
-            value = shown(was) if isinstance(was, float) else was  # as typed after the flag: no quotes, no .0
-            raise Img2GPTError(f"{flag} {shown(getattr(cfg, name))} differs from the run's {shown(was)}, which its "
-                               f"{what} on: resume with {flag} {value}, or start a new run in another --output-dir")
-    for key, name, default in (("vit_model", cfg.vit_model_name, VIT_MODEL_NAME),
-                               ("gpt2_model", cfg.gpt2_model_name, GPT2_MODEL_NAME)):
-        if name != default:  # as for --evaluate and inference: the flag names another copy
-            config[key] = name
-    return config
-
-
-def check_resume_split(state, train_split):
-    """A resume must train on the images the run trained on: other data or split settings are refused."""
-    saved = state["training_state"].get("train_split", train_split)  # older checkpoints did not record it
-    if saved != train_split:
-        raise Img2GPTError(f"the training images differ from the run's ({train_split['images']} now, "
-                           f"{saved['images']} then): resume with its own data and --val-images, --test-images "
-                           "and --karpathy-split-file")
-
-
-def resume_changes(cfg, state):
-    """{setting: (saved, now)} for the RESUME_MAY_CHANGE settings given other values than the saved run's."""
-    saved = state["training_state"].get("settings", {})
-    return {name: (saved[name], getattr(cfg, name)) for name in RESUME_MAY_CHANGE
-            if name in saved and saved[name] != getattr(cfg, name)}
-
-
-def restore_training_state(run, state):
-    """Put weights, optimizer, GradScaler and RNG back as saved and the schedule at the batch reached, with a
-    changed --learning-rate or --epochs in force from there; returns (epoch, step, the epoch's tally so far)."""
-    train = state["training_state"]
-    load_trained_weights(run.model, state["weights"])
-    run.optimizer.load_state_dict(train["optimizer"])
-    reached = (train["epoch"] - 1) * run.batches_per_epoch + train["step"]
-    # Checkpoints from before the stored plan followed the plain linear schedule of the settings given.
-    plan = train.get("schedule", run.schedule)
-    run.schedule = extend_schedule(plan, reached, run.total_steps)
-    run.schedule_restarted = reached >= plan["total"] and run.schedule != plan  # epochs added to an ended run
-    run.scheduler = make_scheduler(run.optimizer, run.schedule, run.cfg.learning_rate, reached)
-    run.scaler.load_state_dict(train["scaler"])
-    run.progress = train.get("stream_progress")
-    random.setstate(train["rng"]["python"])
-    torch.set_rng_state(train["rng"]["torch"])
-    if train["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(train["rng"]["cuda"])
-    return train["epoch"], train["step"], {key: train.get(key, zero) for key, zero in new_tally().items()}
-
-
-def train_one_epoch(run, epoch, start_step=0, tally=None):
-    """Batches start_step+1.. of `epoch`; returns the epoch's tally (new_tally) with this process's applied
-    losses, caption rows and seconds (the wall time of the training batches: loading, forward, backward and
-    optimizer, not sample captions or saves) added. A non-finite loss is not applied; MAX_BAD_BATCHES of them
-    in a row stop training."""
-    import time
-
-    from tqdm.auto import tqdm
-
-    cfg, model, optimizer = run.cfg, run.train_model, run.optimizer
-    tally = tally or new_tally()
-    dataset = run.datasets["train"]
-    if run.data.stream:  # each slot from where the interrupted run left it (a resume), else from its start
-        dataset = train_batches(run.data, run.processor, cfg, epoch, run.rank, run.world,
-                                run.progress if start_step else None)
-        run.progress = list(dataset.progress)
-    loader = make_loader(dataset, run.tokenizer, cfg, epoch, start_step, run.rank, run.world)
-    model.train()
-    bad_in_row = 0
-    bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.num_epochs}", initial=start_step,
-               total=start_step + len(loader), dynamic_ncols=True, disable=not run.main)
-    started = time.perf_counter()  # the clock runs while the loader fetches the next batch
-    for step, batch in enumerate(bar, start_step + 1):
-        keys = None
-        if batch is not None and "where" in batch:  # streamed: the slot's batch, now trained (or skipped)
-            slot, number = batch.pop("where")
-            run.progress[slot] = number + 1
-            keys = batch.pop("keys", None)
-            batch = batch if "input_ids" in batch else None
-        if not every_process_has(batch, run):  # all processes skip together: none waits for the others forever
-            if batch is not None:
-                run.log.write(type="skipped", epoch=epoch, step=step, reason="another process had no batch")
-            batch = None
-        if batch is not None:  # None: every image of the batch failed to decode
-            batch = {key: value.to(run.device, non_blocking=True) for key, value in batch.items()}
-            with autocast(run.device, run.compute_dtype):
-                loss = model(**batch).loss
-            value = mean_over_processes(loss.detach(), run.world).item()  # every process decides alike
-            if math.isfinite(value):
-                run.scaler.scale(loss).backward()
-                run.scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(run.trainable, 1.0)
-                run.scaler.step(optimizer)
-                run.scaler.update()
-                bad_in_row = 0
-                tally["loss_sum"], tally["loss_count"] = tally["loss_sum"] + value, tally["loss_count"] + 1
-                tally["captions"] += len(batch["input_ids"])
-                elapsed = tally["seconds"] + time.perf_counter() - started
-                bar.set_postfix({"loss": f"{value:.4f}", "captions/s": f"{tally['captions'] / elapsed:.1f}"})
-                run.log.write(type="batch", epoch=epoch, step=step, loss=value, lr=optimizer.param_groups[0]["lr"],
-                              **({"keys": keys} if keys else {}))
-            else:
-                bad_in_row += 1
-                run.log.write(type="nonfinite", epoch=epoch, step=step, loss=str(value))
-                if run.main:
-                    tqdm.write(f"Skipped batch {step} of epoch {epoch}: loss is {value}")
-                if bad_in_row >= cfg.max_bad_batches:
-                    raise Img2GPTError(f"{bad_in_row} non-finite losses in a row at epoch {epoch} step {step}: "
-                                       + DIVERGED.format(where=""))
-            optimizer.zero_grad(set_to_none=True)
-        run.scheduler.step()  # the schedule follows batches, applied or not, so resumed runs line up
-        tally["seconds"] += time.perf_counter() - started
-        if cfg.eval_interval > 0 and step % cfg.eval_interval == 0 and run.samples and run.main:
-            sample_captions(run, epoch, step)
-        if cfg.save_interval > 0 and step % cfg.save_interval == 0 and bad_in_row == 0:
-            save_last(run, epoch, step, tally)
-        started = time.perf_counter()
-    return tally
-
-
-def every_process_has(batch, run):
-    """Whether every data-parallel process holds a batch for this step (with one process: whether it does)."""
-    if run.world == 1:
-        return batch is not None
-    flag = torch.tensor([0.0 if batch is None else 1.0], device=run.device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-    return flag.item() > 0
-
-
-def mean_over_processes(value, world):
-    """The mean of a scalar tensor over the data-parallel processes (itself with one process)."""
-    if world > 1:
-        value = value.clone()
-        torch.distributed.all_reduce(value)
-        value /= world
-    return value
-
-
-@torch.no_grad()
-def validation_loss(run):
-    """Mean validation loss (None without validation data), each process scoring its share of the batches
-    and the sums gathered."""
-    run.model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=run.device)  # (sum of batch losses, batches)
-    for batch in make_loader(run.datasets["val"], run.tokenizer, run.cfg, rank=run.rank, world=run.world):
-        if batch is None:
-            continue
-        batch = {key: value.to(run.device) for key, value in batch.items()}
-        with autocast(run.device, run.compute_dtype):
-            total += torch.tensor([run.model(**batch).loss.item(), 1.0], dtype=torch.float64, device=run.device)
-    run.model.train()
-    total = mean_over_processes(total, run.world)  # a mean of sums is fine: only their ratio is used
-    return (total[0] / total[1]).item() if total[1] > 0 else None
-
-
-def sample_set(captions, names, open_image, processor, count):
-    """The fixed validation images captioned at every sample round (the first `count` of `names` that decode),
-    with their first reference caption. One that passed the up-front check but does not decode is left out
-    by name."""
-    first = captions.drop_duplicates("image_name").set_index("image_name")["caption"]
-    chosen, images = [], []
-    for name in names:
-        if len(chosen) == count:
-            break
-        try:
-            images.append(open_image(name))
-            chosen.append(name)
-        except IMAGE_ERRORS as exc:
-            print(f"Left out sample image {name}: not a decodable image ({type(exc).__name__}: {exc})")
-    if not chosen:
-        return None
-    return {"names": chosen, "references": [first[n] for n in chosen], "pixel_values": preprocess(processor, images)}
-
-
-def prepare_data(cfg, main=True):
-    """Captions of the usable images, their folder, and the split (Karpathy's when its file is given); for
-    shards and Hugging Face datasets, their counting pass (index_stream). Only the main process reports."""
-    if stream_kind(cfg):
-        return index_stream(cfg, main)
-    if cfg.karpathy_split_file not in ("auto", "none"):
-        require_split_file(cfg.karpathy_split_file)  # before minutes of reading and checking images
-    data_dir = Path(cfg.data_dir or download_dataset(cfg.kaggle_dataset))
-    kind, files = find_layout(data_dir)
-    captions, image_dir, skipped = load_captions(kind, files, data_dir)
-    if main:
-        print(f"Data: {LAYOUTS[kind]}: {', '.join(map(str, files))}, {len(captions):,} captions of "
-              f"{captions['image_name'].nunique():,} images"
-              + (f"; skipped {skipped:,} malformed, blank or repeated rows" if skipped else ""))
-    outside = [] if cfg.allow_outside_data_dir else outside_data_dir(captions["image_name"], image_dir, data_dir)
-    if outside:
-        captions = captions[~captions["image_name"].isin(set(outside))].reset_index(drop=True)
-        if captions.empty:
-            raise Img2GPTError(f"every image the captions name lies outside --data-dir '{data_dir}' (e.g. "
-                               f"'{outside[0]}'): pass --allow-outside-data-dir if they are yours to read")
-        if main:
-            print(f"Left out {len(outside):,} images named outside --data-dir (e.g. '{outside[0]}'): caption files "
-                  "may only name images inside it (--allow-outside-data-dir reads them)")
-    captions, left_out = drop_unusable_images(captions, image_dir, verbose=main)
-    splits, unknown_splits, split_name = choose_split(cfg, captions, main)
-    if unknown_splits and main:
-        print(f"Left out {sum(unknown_splits.values()):,} images whose split is not train, val or test: "
-              + ", ".join(f"'{name}' ({count:,})" for name, count in sorted(unknown_splits.items()))
-              + f" (known spellings: {', '.join(sorted(SPLIT_NAMES))})")
-    train_rows = captions["image_name"].isin(set(splits["train"]))
-    return types.SimpleNamespace(captions=captions, image_dir=image_dir, left_out=outside + left_out, splits=splits,
-                                 split_name=split_name, layout=kind, caption_files=files, skipped_rows=skipped,
-                                 unknown_splits=unknown_splits, open_image=partial(image_in_folder, image_dir),
-                                 left_out_count=len(outside + left_out),
-                                 stream=None, train_images=len(splits["train"]), train_captions=int(train_rows.sum()),
-                                 train_split=train_split_digest(splits))
-
-
+# --- Output folder, log and plot ------------------------------------------------------------------
 def require_writable_dir(output_dir, flag="--output-dir"):
     """OUTPUT_DIR (or the folder of what `flag` names) as a Path, created if needed and proven writable by
     writing a file: a read-only file system or folder is one error line before the work, not a traceback after
@@ -2755,6 +2510,219 @@ def delete_previous_run(folder, names):
         print(f"--overwrite: deleted {len(names)} file(s) of the previous run in '{folder}'")
 
 
+class JsonlLog:
+    """training_log.jsonl: one JSON record per line, flushed at once so a disconnect loses nothing."""
+
+    def __init__(self, path, enabled=True):
+        self.path, self.file = Path(path), None
+        if enabled:  # in data-parallel training only the main process writes
+            self.file = open(self.path, "a", encoding="utf-8")
+            if self.path.stat().st_size and not self.path.read_bytes().endswith(b"\n"):
+                self.file.write("\n")  # a run killed mid-line: start on a fresh line
+
+    def write(self, **record):
+        if self.file:  # NaN and inf are not JSON: they are written as null
+            record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+            self.file.write(json.dumps(record, allow_nan=False) + "\n")
+            self.file.flush()
+
+    def close(self):
+        if self.file:
+            self.file.close()
+
+
+def read_log(path):
+    """The records of training_log.jsonl, skipping what is not a whole record (a line cut short by a kill)."""
+    records = []
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def loss_curves(records, batches_per_epoch):
+    """(steps, train losses, epoch-end steps, validation losses) from training_log.jsonl records. A batch that
+    a resumed run trained again counts once, with its later loss."""
+    train = {}
+    for r in records:
+        if r.get("type") == "batch":
+            train[(r["epoch"] - 1) * batches_per_epoch + r["step"]] = r["loss"]
+    val = {r["epoch"] * batches_per_epoch: r["val_loss"] for r in records
+           if r.get("type") == "epoch" and r.get("val_loss") is not None}
+    steps = sorted(train)
+    return steps, [train[s] for s in steps], sorted(val), [val[s] for s in sorted(val)]
+
+
+def plot_losses(log_path, png_path, batches_per_epoch):
+    """OUTPUT_DIR/loss.png: train loss per step (raw and smoothed) and validation loss per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display in Colab subprocesses or on servers
+    import matplotlib.pyplot as plt
+
+    steps, losses, val_steps, val_losses = loss_curves(read_log(log_path), batches_per_epoch)
+    window = max(1, len(losses) // 50)  # a moving average over ~2% of the run
+    smooth = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1])
+              for i in range(len(losses))]
+    figure, axes = plt.subplots(figsize=(8, 4.5), dpi=100)
+    axes.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=0.8, label="train loss per batch")
+    axes.plot(steps, smooth, color="tab:blue", linewidth=2, label=f"train loss, mean of {window}")
+    axes.plot(val_steps, val_losses, "o-", color="tab:orange", linewidth=2, label="validation loss (epoch end)")
+    axes.set(xlabel=f"batch ({batches_per_epoch} per epoch)", ylabel="cross-entropy loss", title="Img2GPT training")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    write_atomically(png_path, lambda file: figure.savefig(file, format="png"))
+    plt.close(figure)
+
+
+# --- Training -------------------------------------------------------------------------------------
+DIVERGED = ("training diverged{where}: lower --learning-rate and --resume auto (it continues from img2gpt_last.pth, "
+            "the last save before it, or starts afresh when there was none); if it diverges again from there, that "
+            "save already holds the damage: start over with --overwrite and a lower --learning-rate")
+
+
+def autocast(device, compute_dtype):
+    return torch.autocast(device.type, dtype=compute_dtype, enabled=device.type == "cuda")
+
+
+def new_tally():
+    """What an epoch adds up as it goes: its applied losses, caption rows trained and seconds of training."""
+    return {"loss_sum": 0.0, "loss_count": 0, "captions": 0, "seconds": 0.0}
+
+
+def training_state(run, epoch, step, tally, progress=None):
+    """Everything besides the weights that a resumed run needs, as plain types and tensors."""
+    return {"epoch": epoch, "step": step, "batch_size": run.cfg.batch_size, "seed": run.cfg.seed,
+            "stream_progress": progress, "stream_slots": max(1, run.cfg.num_workers) if run.data.stream else None,
+            "processes": run.world, "settings": run.settings, "train_split": run.train_split,
+            **tally, "optimizer": run.optimizer.state_dict(),
+            "schedule": run.schedule, "scaler": run.scaler.state_dict(), "batch_order": BATCH_ORDER,
+            "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+
+
+def save_last(run, epoch, step, tally=None):
+    """OUTPUT_DIR/img2gpt_last.pth: weights plus training state after `step` batches of `epoch`. Streamed data
+    saves how many batches each slot trained, gathered from every process (each knows its own)."""
+    progress = run.progress if run.data.stream and step else None
+    if progress and run.world > 1:
+        gathered = [None] * run.world
+        torch.distributed.all_gather_object(gathered, progress)
+        progress = [max(values) for values in zip(*gathered)]
+    if run.main:
+        save_checkpoint(run.output_dir / "img2gpt_last.pth", run.model, run.model_config,
+                        {"training_state": training_state(run, epoch, step, tally or new_tally(), progress),
+                         "run_id": run.run_id})
+
+
+def linear_schedule(warmup, total):
+    """The learning-rate plan of a fresh run: linear warm-up to the peak over `warmup` batches, then a straight
+    line down to 0 at batch `total` (what transformers' get_linear_schedule_with_warmup does), as plain numbers
+    that a checkpoint stores and a resume can extend."""
+    return {"warmup": warmup, "from_step": warmup, "from_factor": 1.0, "total": total}
+
+
+def schedule_factor(plan, step):
+    """The fraction of the peak --learning-rate used at batch `step` (counted over all epochs)."""
+    if step < plan["warmup"]:
+        return step / plan["warmup"]
+    return plan["from_factor"] * max(0, plan["total"] - step) / max(1, plan["total"] - plan["from_step"])
+
+
+def extend_schedule(plan, step, total):
+    """The plan of a resume at batch `step` whose --epochs make `total` batches. Past the warm-up, a new line
+    from where the rate stands down to 0 at the new end, so more (or fewer) epochs never make it jump; epochs
+    added to a run that ended, whose rate reached 0, go from the peak down to 0 (at 0 they would learn nothing)."""
+    if total == plan["total"]:
+        return plan
+    if step < plan["warmup"]:
+        return {**plan, "total": total}
+    start = 1.0 if step >= plan["total"] else schedule_factor(plan, step)
+    return {**plan, "from_step": step, "from_factor": start, "total": total}
+
+
+def make_scheduler(optimizer, plan, peak, step):
+    """A LambdaLR following `plan` under the peak rate `peak`, standing at batch `step`."""
+    for group in optimizer.param_groups:  # a resume's optimizer state brings the saved rate: the peak given wins
+        group["lr"] = group["initial_lr"] = peak
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(schedule_factor, plan), last_epoch=step - 1)
+
+
+def check_resume(cfg, state, processes):
+    """The model config a resume rebuilds, checked against the run's settings before anything slow loads: what
+    the batch order or the trained weights depend on must be as saved; --vit-model / --gpt2-model, when set,
+    name other copies of the base models (their families are checked when they load)."""
+    train = state.get("training_state")
+    if train is None:
+        raise Img2GPTError("this checkpoint holds no training state (epoch files hold weights only): "
+                           "resume from img2gpt_last.pth in the same OUTPUT_DIR")
+    saved = (train["batch_size"], train["seed"], train.get("processes", 1))
+    if saved != (cfg.batch_size, cfg.seed, processes):
+        raise Img2GPTError(f"resume with the run's own --batch-size {saved[0]}, --seed {saved[1]} and {saved[2]} "
+                           "process(es): the batch order depends on them")
+    slots = train.get("stream_slots")
+    if slots and slots != max(1, cfg.num_workers):
+        raise Img2GPTError(f"resume with the run's own --num-workers {slots}: its shards are dealt to that many "
+                           "workers per process")
+    config = dict(state["config"])
+    fixed = {name: {**MODEL_CONFIG_DEFAULTS, **config}.get(name) for name in RESUME_FIXED}
+    fixed["warmup_steps"] = train.get("settings", {}).get("warmup_steps", cfg.warmup_steps)
+    for name, was in fixed.items():
+        if getattr(cfg, name) != was:
+            flag = flag_of(name, FLAG_ALIASES)
+            what = "schedule depends" if name == "warmup_steps" else "trained weights depend"
+            value = shown(was) if isinstance(was, float) else was  # as typed after the flag: no quotes, no .0
+            raise Img2GPTError(f"{flag} {shown(getattr(cfg, name))} differs from the run's {shown(was)}, which its "
+                               f"{what} on: resume with {flag} {value}, or start a new run in another --output-dir")
+    for key, name, default in (("vit_model", cfg.vit_model_name, VIT_MODEL_NAME),
+                               ("gpt2_model", cfg.gpt2_model_name, GPT2_MODEL_NAME)):
+        if name != default:  # as for --evaluate and inference: the flag names another copy
+            config[key] = name
+    return config
+
+
+def check_resume_split(state, train_split):
+    """A resume must train on the images the run trained on: other data or split settings are refused."""
+    saved = state["training_state"].get("train_split", train_split)  # older checkpoints did not record it
+    if saved != train_split:
+        raise Img2GPTError(f"the training images differ from the run's ({train_split['images']} now, "
+                           f"{saved['images']} then): resume with its own data and --val-images, --test-images "
+                           "and --karpathy-split-file")
+
+
+def resume_changes(cfg, state):
+    """{setting: (saved, now)} for the RESUME_MAY_CHANGE settings given other values than the saved run's."""
+    saved = state["training_state"].get("settings", {})
+    return {name: (saved[name], getattr(cfg, name)) for name in RESUME_MAY_CHANGE
+            if name in saved and saved[name] != getattr(cfg, name)}
+
+
+def restore_training_state(run, state):
+    """Put weights, optimizer, GradScaler and RNG back as saved and the schedule at the batch reached, with a
+    changed --learning-rate or --epochs in force from there; returns (epoch, step, the epoch's tally so far)."""
+    train = state["training_state"]
+    load_trained_weights(run.model, state["weights"])
+    run.optimizer.load_state_dict(train["optimizer"])
+    reached = (train["epoch"] - 1) * run.batches_per_epoch + train["step"]
+    # Checkpoints from before the stored plan followed the plain linear schedule of the settings given.
+    plan = train.get("schedule", run.schedule)
+    run.schedule = extend_schedule(plan, reached, run.total_steps)
+    run.schedule_restarted = reached >= plan["total"] and run.schedule != plan  # epochs added to an ended run
+    run.scheduler = make_scheduler(run.optimizer, run.schedule, run.cfg.learning_rate, reached)
+    run.scaler.load_state_dict(train["scaler"])
+    run.progress = train.get("stream_progress")
+    random.setstate(train["rng"]["python"])
+    torch.set_rng_state(train["rng"]["torch"])
+    if train["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(train["rng"]["cuda"])
+    return train["epoch"], train["step"], {key: train.get(key, zero) for key, zero in new_tally().items()}
+
+
 def prepare_run(cfg, held):
     """Data, model, optimizer and schedule of a run, gathered in one namespace the stages share; None when the
     run in OUTPUT_DIR is already complete. OUTPUT_DIR stays locked until the ExitStack `held` closes."""
@@ -2831,12 +2799,6 @@ def prepare_run(cfg, held):
         batches_per_epoch=batches_per_epoch, total_steps=total_steps, log=None, progress=None)
 
 
-def train_batches(data, processor, cfg, epoch, rank, world, progress=None):
-    """StreamBatches of this process for `epoch` of streamed data, each slot from its `progress` on."""
-    return StreamBatches(data.stream, processor, cfg.batch_size, cfg.seed, epoch, rank, world,
-                         max(1, cfg.num_workers), progress)
-
-
 def run_id(resume):
     """The run's name in its checkpoints and evaluations: kept by a resume, new for a fresh run."""
     import uuid
@@ -2867,55 +2829,6 @@ def print_banner(run):
           f"{sum(p.numel() for p in run.model.parameters()):,}")
 
 
-def loss_curves(records, batches_per_epoch):
-    """(steps, train losses, epoch-end steps, validation losses) from training_log.jsonl records. A batch that
-    a resumed run trained again counts once, with its later loss."""
-    train = {}
-    for r in records:
-        if r.get("type") == "batch":
-            train[(r["epoch"] - 1) * batches_per_epoch + r["step"]] = r["loss"]
-    val = {r["epoch"] * batches_per_epoch: r["val_loss"] for r in records
-           if r.get("type") == "epoch" and r.get("val_loss") is not None}
-    steps = sorted(train)
-    return steps, [train[s] for s in steps], sorted(val), [val[s] for s in sorted(val)]
-
-
-def read_log(path):
-    """The records of training_log.jsonl, skipping what is not a whole record (a line cut short by a kill)."""
-    records = []
-    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
-
-
-def plot_losses(log_path, png_path, batches_per_epoch):
-    """OUTPUT_DIR/loss.png: train loss per step (raw and smoothed) and validation loss per epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display in Colab subprocesses or on servers
-    import matplotlib.pyplot as plt
-
-    steps, losses, val_steps, val_losses = loss_curves(read_log(log_path), batches_per_epoch)
-    window = max(1, len(losses) // 50)  # a moving average over ~2% of the run
-    smooth = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1])
-              for i in range(len(losses))]
-    figure, axes = plt.subplots(figsize=(8, 4.5), dpi=100)
-    axes.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=0.8, label="train loss per batch")
-    axes.plot(steps, smooth, color="tab:blue", linewidth=2, label=f"train loss, mean of {window}")
-    axes.plot(val_steps, val_losses, "o-", color="tab:orange", linewidth=2, label="validation loss (epoch end)")
-    axes.set(xlabel=f"batch ({batches_per_epoch} per epoch)", ylabel="cross-entropy loss", title="Img2GPT training")
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    write_atomically(png_path, lambda file: figure.savefig(file, format="png"))
-    plt.close(figure)
-
-
 def print_resume_changes(run, changes, epoch, step):
     """What a resume does differently from the saved run, from the batch after `step`, and the rate it uses."""
     if not changes:
@@ -2926,6 +2839,125 @@ def print_resume_changes(run, changes, epoch, step):
         restarted = " (the saved schedule had ended at 0: the added epochs start again from the peak)"
         print(f"Learning rate now {run.optimizer.param_groups[0]['lr']:.3g} (peak {run.cfg.learning_rate:g}), falling "
               f"linearly to 0 at the end of epoch {run.cfg.num_epochs}{restarted if run.schedule_restarted else ''}")
+
+
+def sample_captions(run, epoch, step):
+    """Print and log captions of the fixed sample images beside one reference caption each."""
+    from tqdm.auto import tqdm
+
+    samples = run.samples
+    captions = generate_captions(run.model, run.tokenizer, samples["pixel_values"].to(run.device),
+                                 **decoding_settings(run.cfg))
+    pairs = list(zip(samples["names"], captions, samples["references"]))
+    tqdm.write(f"Sample captions after epoch {epoch} step {step}:\n"
+               + "\n".join(f"  {name}: {caption!r}  (reference: {ref!r})" for name, caption, ref in pairs))
+    run.log.write(type="samples", epoch=epoch, step=step,
+                  samples=[{"image": n, "generated": c, "reference": r} for n, c, r in pairs])
+
+
+def every_process_has(batch, run):
+    """Whether every data-parallel process holds a batch for this step (with one process: whether it does)."""
+    if run.world == 1:
+        return batch is not None
+    flag = torch.tensor([0.0 if batch is None else 1.0], device=run.device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return flag.item() > 0
+
+
+def mean_over_processes(value, world):
+    """The mean of a scalar tensor over the data-parallel processes (itself with one process)."""
+    if world > 1:
+        value = value.clone()
+        torch.distributed.all_reduce(value)
+        value /= world
+    return value
+
+
+def train_one_epoch(run, epoch, start_step=0, tally=None):
+    """Batches start_step+1.. of `epoch`; returns the epoch's tally (new_tally) with this process's applied
+    losses, caption rows and seconds (the wall time of the training batches: loading, forward, backward and
+    optimizer, not sample captions or saves) added. A non-finite loss is not applied; MAX_BAD_BATCHES of them
+    in a row stop training."""
+    import time
+
+    from tqdm.auto import tqdm
+
+    cfg, model, optimizer = run.cfg, run.train_model, run.optimizer
+    tally = tally or new_tally()
+    dataset = run.datasets["train"]
+    if run.data.stream:  # each slot from where the interrupted run left it (a resume), else from its start
+        dataset = train_batches(run.data, run.processor, cfg, epoch, run.rank, run.world,
+                                run.progress if start_step else None)
+        run.progress = list(dataset.progress)
+    loader = make_loader(dataset, run.tokenizer, cfg, epoch, start_step, run.rank, run.world)
+    model.train()
+    bad_in_row = 0
+    bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.num_epochs}", initial=start_step,
+               total=start_step + len(loader), dynamic_ncols=True, disable=not run.main)
+    started = time.perf_counter()  # the clock runs while the loader fetches the next batch
+    for step, batch in enumerate(bar, start_step + 1):
+        keys = None
+        if batch is not None and "where" in batch:  # streamed: the slot's batch, now trained (or skipped)
+            slot, number = batch.pop("where")
+            run.progress[slot] = number + 1
+            keys = batch.pop("keys", None)
+            batch = batch if "input_ids" in batch else None
+        if not every_process_has(batch, run):  # all processes skip together: none waits for the others forever
+            if batch is not None:
+                run.log.write(type="skipped", epoch=epoch, step=step, reason="another process had no batch")
+            batch = None
+        if batch is not None:  # None: every image of the batch failed to decode
+            batch = {key: value.to(run.device, non_blocking=True) for key, value in batch.items()}
+            with autocast(run.device, run.compute_dtype):
+                loss = model(**batch).loss
+            value = mean_over_processes(loss.detach(), run.world).item()  # every process decides alike
+            if math.isfinite(value):
+                run.scaler.scale(loss).backward()
+                run.scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(run.trainable, 1.0)
+                run.scaler.step(optimizer)
+                run.scaler.update()
+                bad_in_row = 0
+                tally["loss_sum"], tally["loss_count"] = tally["loss_sum"] + value, tally["loss_count"] + 1
+                tally["captions"] += len(batch["input_ids"])
+                elapsed = tally["seconds"] + time.perf_counter() - started
+                bar.set_postfix({"loss": f"{value:.4f}", "captions/s": f"{tally['captions'] / elapsed:.1f}"})
+                run.log.write(type="batch", epoch=epoch, step=step, loss=value, lr=optimizer.param_groups[0]["lr"],
+                              **({"keys": keys} if keys else {}))
+            else:
+                bad_in_row += 1
+                run.log.write(type="nonfinite", epoch=epoch, step=step, loss=str(value))
+                if run.main:
+                    tqdm.write(f"Skipped batch {step} of epoch {epoch}: loss is {value}")
+                if bad_in_row >= cfg.max_bad_batches:
+                    raise Img2GPTError(f"{bad_in_row} non-finite losses in a row at epoch {epoch} step {step}: "
+                                       + DIVERGED.format(where=""))
+            optimizer.zero_grad(set_to_none=True)
+        run.scheduler.step()  # the schedule follows batches, applied or not, so resumed runs line up
+        tally["seconds"] += time.perf_counter() - started
+        if cfg.eval_interval > 0 and step % cfg.eval_interval == 0 and run.samples and run.main:
+            sample_captions(run, epoch, step)
+        if cfg.save_interval > 0 and step % cfg.save_interval == 0 and bad_in_row == 0:
+            save_last(run, epoch, step, tally)
+        started = time.perf_counter()
+    return tally
+
+
+@torch.no_grad()
+def validation_loss(run):
+    """Mean validation loss (None without validation data), each process scoring its share of the batches
+    and the sums gathered."""
+    run.model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=run.device)  # (sum of batch losses, batches)
+    for batch in make_loader(run.datasets["val"], run.tokenizer, run.cfg, rank=run.rank, world=run.world):
+        if batch is None:
+            continue
+        batch = {key: value.to(run.device) for key, value in batch.items()}
+        with autocast(run.device, run.compute_dtype):
+            total += torch.tensor([run.model(**batch).loss.item(), 1.0], dtype=torch.float64, device=run.device)
+    run.model.train()
+    total = mean_over_processes(total, run.world)  # a mean of sums is fine: only their ratio is used
+    return (total[0] / total[1]).item() if total[1] > 0 else None
 
 
 def train(run):
@@ -2989,6 +3021,35 @@ def train(run):
             print(f"Saved {path} and {run.output_dir / 'loss.png'}")
 
 
+def evaluate_last_epoch(run):
+    """The test-split scores of the run's last epoch file, written beside it (EVAL_AFTER_TRAINING)."""
+    name = f"img2gpt_epoch_{run.cfg.num_epochs}"
+    identity = checkpoint_identity(run.output_dir / f"{name}.pth", {"run_id": run.run_id})
+    path = evaluation_path(run.output_dir, name, identity)
+    evaluate_on_test(run.model, run.tokenizer, run.processor, run.data, run.cfg, name, path, identity)
+
+
+def interrupted_advice(cfg, run):
+    """The line a Ctrl+C during training ends with: what to run next, true for where the run stopped."""
+    folder = Path(cfg.output_dir)
+    if run is not None and getattr(run, "trained", False):
+        last = folder / f"img2gpt_epoch_{cfg.num_epochs}.pth"
+        return (f"interrupted during the test-split evaluation: every epoch is trained and saved; score the last "
+                f"one with --evaluate {last}")
+    instead = " instead of --overwrite" if cfg.overwrite else ""
+    last = folder / "img2gpt_last.pth"
+    if last.is_file():
+        return f"interrupted: run the same command with --resume auto{instead} to continue from {last}"
+    if run is not None and cfg.resume_from and Path(cfg.resume_from).is_file():  # another folder's, not saved here
+        return (f"interrupted before the first save in '{folder}': run the same command again to continue from "
+                f"{cfg.resume_from}")
+    if (folder / "training_log.jsonl").is_file():
+        return (f"interrupted before the first save (every --save-interval batches): run the same command with "
+                f"--resume auto{instead} to start again")
+    return "interrupted: nothing was written"
+
+
+# --- Main: the command line -----------------------------------------------------------------------
 def main(argv=None):
     cfg = parse_config(CONSTANTS, argv, FLAG_ALIASES, __doc__)
     check_settings(cfg, TRAINING_RULES, FLAG_ALIASES)
@@ -3028,34 +3089,6 @@ def main(argv=None):
     if run.world > 1:
         torch.distributed.barrier()  # the others wait for the main process's test-split evaluation
         torch.distributed.destroy_process_group()
-
-
-def evaluate_last_epoch(run):
-    """The test-split scores of the run's last epoch file, written beside it (EVAL_AFTER_TRAINING)."""
-    name = f"img2gpt_epoch_{run.cfg.num_epochs}"
-    identity = checkpoint_identity(run.output_dir / f"{name}.pth", {"run_id": run.run_id})
-    path = evaluation_path(run.output_dir, name, identity)
-    evaluate_on_test(run.model, run.tokenizer, run.processor, run.data, run.cfg, name, path, identity)
-
-
-def interrupted_advice(cfg, run):
-    """The line a Ctrl+C during training ends with: what to run next, true for where the run stopped."""
-    folder = Path(cfg.output_dir)
-    if run is not None and getattr(run, "trained", False):
-        last = folder / f"img2gpt_epoch_{cfg.num_epochs}.pth"
-        return (f"interrupted during the test-split evaluation: every epoch is trained and saved; score the last "
-                f"one with --evaluate {last}")
-    instead = " instead of --overwrite" if cfg.overwrite else ""
-    last = folder / "img2gpt_last.pth"
-    if last.is_file():
-        return f"interrupted: run the same command with --resume auto{instead} to continue from {last}"
-    if run is not None and cfg.resume_from and Path(cfg.resume_from).is_file():  # another folder's, not saved here
-        return (f"interrupted before the first save in '{folder}': run the same command again to continue from "
-                f"{cfg.resume_from}")
-    if (folder / "training_log.jsonl").is_file():
-        return (f"interrupted before the first save (every --save-interval batches): run the same command with "
-                f"--resume auto{instead} to start again")
-    return "interrupted: nothing was written"
 
 
 def run_cli(main, argv=None, on_interrupt="interrupted", keep_working=True):
