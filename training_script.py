@@ -297,8 +297,8 @@ def choose_precision(device, quantize="auto"):
     """(four_bit, compute_dtype) for QUANTIZE `quantize`: "auto" is 4-bit on CUDA only. The compute dtype follows
     the hardware, never what it merely emulates. On CUDA: bf16 from Ampere (compute capability 8) on, fp16 before
     (a T4 reports torch.cuda.is_bf16_supported() True through slow emulation). On a CPU in 4-bit: bf16 where
-    the CPU has bf16 instructions, fp32 elsewhere (emulated bf16 is far slower: README "4-bit or full
-    precision"); full precision is fp32."""
+    the CPU has bf16 instructions, fp32 elsewhere (emulated bf16 is far slower: docs/speed.md "4-bit on a
+    CPU"); full precision is fp32."""
     if quantize not in QUANTIZE_CHOICES:
         raise Img2GPTError(f"unknown QUANTIZE '{quantize}': use one of {', '.join(QUANTIZE_CHOICES)}")
     four_bit = device.type == "cuda" if quantize == "auto" else quantize == "4bit"
@@ -1677,7 +1677,7 @@ def allow_cpu_weight_packing(model, allowed):
     """bitsandbytes on a CPU with AVX512-BF16 repacks each Linear4bit weight for a faster bf16 kernel at the
     layer's first forward in eval mode, for good; that kernel has no backward, so a training run broke at its
     first batch after a validation or sample round. Packing is allowed for inference only (where it speeds
-    4-bit captioning up: README "4-bit or full precision") and only where the kernel takes the shape: in_features
+    4-bit captioning up: docs/speed.md "4-bit on a CPU") and only where the kernel takes the shape: in_features
     a whole number of quantization blocks and out_features of 32 rows, which bitsandbytes assumes unchecked."""
     import bitsandbytes as bnb
 
