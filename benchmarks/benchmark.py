@@ -1,7 +1,7 @@
 """Img2GPT speed and size on this machine, printed as a markdown table.
 
     python benchmarks/benchmark.py            # full size: ViT-B/16 (224) + GPT-2 small, random weights
-    python benchmarks/benchmark.py --smoke    # tiny models, one repeat: checks that the benchmark works
+    python benchmarks/benchmark.py --smoke    # tiny models, one repeat, all in one process: checks it works
 
 Both models are built from their default configs (no download). The QLoRA rows save them to a temporary
 folder and load them the way the scripts do (from_pretrained, 4-bit NF4 through bitsandbytes' CPU backend or
@@ -490,15 +490,33 @@ def measure_in_process(task, quantize, checkpoint, repeats, compute_dtype, mode=
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def qlora_rows(vit_config, gpt2_config, repeats):
+def measure_here(task, quantize, checkpoint, repeats, compute_dtype, mode="shared", per_image=CAPTIONS_PER_IMAGE):
+    """measure_in_process's measurement in this process (--smoke: it checks that the rows are made, in seconds
+    instead of a minute of process starts; its memory figures are then not the measurement's own)."""
+    import contextlib
+    import io
+
+    native = ts.cpu_has_native_bf16  # the workers set it to the compute dtype they are told
+    try:
+        if task == "captions":
+            return caption_training_rate(mode, quantize, checkpoint, repeats, compute_dtype, per_image)
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            worker(task, quantize, checkpoint, repeats, compute_dtype)
+        return json.loads(printed.getvalue().strip().splitlines()[-1])
+    finally:
+        ts.cpu_has_native_bf16 = native
+
+
+def qlora_rows(vit_config, gpt2_config, repeats, measure=measure_in_process):
     """4-bit vs full-precision LoRA on the CPU: training speed (with each 4-bit compute dtype) and memory,
     caption latency and memory. The default compute dtype is this CPU's (choose_precision)."""
     native = "bfloat16" if ts.cpu_has_native_bf16() else "float32"
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = save_base_models(vit_config, gpt2_config, folder)
-        full = measure_in_process("train", "none", checkpoint, repeats, native)
-        bf16, fp32 = (measure_in_process("train", "4bit", checkpoint, repeats, d) for d in ("bfloat16", "float32"))
-        caption4, caption_full = (measure_in_process("caption", q, checkpoint, repeats, native)
+        full = measure("train", "none", checkpoint, repeats, native)
+        bf16, fp32 = (measure("train", "4bit", checkpoint, repeats, d) for d in ("bfloat16", "float32"))
+        caption4, caption_full = (measure("caption", q, checkpoint, repeats, native)
                                   for q in ("4bit", "none"))
     default = bf16 if native == "bfloat16" else fp32
     return [
@@ -575,7 +593,7 @@ def caption_training_rate(mode, quantize, folder, repeats, compute_dtype, per_im
     return {"value": len(image_index) / median_time(step, repeats), "peak_mb": peak_memory_mb()}
 
 
-def caption_training_rows(vit_config, gpt2_config, repeats):
+def caption_training_rows(vit_config, gpt2_config, repeats, measure=measure_in_process):
     """Training on 5 captions per image, each measurement in a process of its own: Img2GPT now, the
     one-row-per-caption computation, the VisionEncoderDecoder peer; fp32 LoRA and 4-bit NF4 LoRA (this CPU's
     compute dtype); and one caption per image, now against before."""
@@ -585,7 +603,7 @@ def caption_training_rows(vit_config, gpt2_config, repeats):
         save_base_models(vit_config, gpt2_config, folder)
         build_peer(vit_config, gpt2_config).save_pretrained(Path(folder) / "peer")
         for quantize, label in (("none", "fp32 LoRA"), ("4bit", f"4-bit NF4 LoRA, {native} compute")):
-            now, rows_, peer = (measure_in_process("captions", quantize, folder, repeats, native, mode)
+            now, rows_, peer = (measure("captions", quantize, folder, repeats, native, mode)
                                 for mode in ("shared", "rows", "peer"))
             batch = f"batch {STEP_IMAGES * CAPTIONS_PER_IMAGE} = {STEP_IMAGES} images x {CAPTIONS_PER_IMAGE}"
             rows += [
@@ -597,7 +615,7 @@ def caption_training_rows(vit_config, gpt2_config, repeats):
                  f"one row per caption: {rows_['peak_mb']:.0f} MB; peer: {peer['peak_mb']:.0f} MB",
                  f"{now['peak_mb'] / rows_['peak_mb']:.2f}x"),
             ]
-        single, before = (measure_in_process("captions", "none", folder, repeats, native, mode, per_image=1)
+        single, before = (measure("captions", "none", folder, repeats, native, mode, per_image=1)
                           for mode in ("shared", "rows"))
         rows.append(("training captions/s, batch 10 = 10 images x 1, fp32 LoRA", f"{single['value']:.2f}",
                      f"one row per caption (before): {before['value']:.2f}",
@@ -607,7 +625,8 @@ def caption_training_rows(vit_config, gpt2_config, repeats):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="tiny models, one repeat: only checks it runs")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny models, one repeat, measurements in this process: only checks it runs")
     parser.add_argument("--only-caption-training", action="store_true",
                         help="only the rows of training on 5 captions per image (the slowest rows)")
     parser.add_argument("--only-streams", action="store_true",
@@ -640,7 +659,8 @@ def main():
         for row in stream_rows(vit_config.image_size, args.smoke, repeats):
             print("| " + " | ".join(row) + " |")
         return
-    caption_training = caption_training_rows(vit_config, gpt2_config, 1 if args.smoke else QLORA_REPEATS)
+    measure = measure_here if args.smoke else measure_in_process
+    caption_training = caption_training_rows(vit_config, gpt2_config, 1 if args.smoke else QLORA_REPEATS, measure)
     if args.only_caption_training:
         print("| measurement | value | compared with | ratio |\n|---|---:|---|---:|")
         for row in caption_training:
@@ -666,7 +686,7 @@ def main():
     train_rate = training_throughput(training_model, size, 8, repeats)
     prefill, prefill_flops, cross, cross_flops = prefill_rows(model, peer, eight, repeats)
     del model, peer, pooled, training_model  # the QLoRA rows measure memory in processes of their own
-    qlora = qlora_rows(vit_config, gpt2_config, 1 if args.smoke else QLORA_REPEATS)
+    qlora = qlora_rows(vit_config, gpt2_config, 1 if args.smoke else QLORA_REPEATS, measure)
     whole, stages = whole_process_times(vit_config, gpt2_config, repeats)
 
     name = "tiny smoke-test models" if args.smoke else "ViT-B/16 (224) + GPT-2 small, random weights"

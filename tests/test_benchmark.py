@@ -57,3 +57,15 @@ def test_benchmark_smoke_mode_prints_the_table():
         assert all(re.match(r"^\d+\.\d\d$", cell) for cell in row.strip("| ").split(" | ")[1:]), row
     assert "VisionEncoderDecoder peer" in rows[1] and "floor" in rows[2]
     assert "full-precision LoRA" in rows[13] and "full precision, LoRA merged" in rows[17]
+
+
+def test_a_measurement_in_a_process_of_its_own_equals_the_same_in_this_one(tmp_path):
+    """The smoke run measures in its own process to be quick; the full run starts a process per measurement
+    (--worker): that path returns the same figures' keys, from a process that loads the saved models."""
+    checkpoint = benchmark.save_base_models(*benchmark.configs(True), tmp_path)
+    apart = benchmark.measure_in_process("caption", "none", checkpoint, 1, "float32")
+    here = benchmark.measure_here("caption", "none", checkpoint, 1, "float32")
+    assert set(apart) == set(here) == {"value", "peak_mb", "parameters_mb"}
+    assert apart["parameters_mb"] == here["parameters_mb"] > 0 and apart["value"] > 0 and apart["peak_mb"] > 0
+    rates = benchmark.measure_in_process("captions", "none", tmp_path, 1, "float32", "shared")
+    assert set(rates) == {"value", "peak_mb"} and rates["value"] > 0
