@@ -16,9 +16,9 @@ The file in the order data flows (each section starts with a "# --- Name ---" li
     Internal tables: flag aliases, names the libraries use, layouts, what a run keeps: 75 lines
     Configuration: flags, ranges, device and precision: 169 lines
     Data: caption files in a folder: 349 lines
-    Data: streamed WebDataset shards and Hugging Face datasets: 379 lines
-    Data: the split: 157 lines
-    Data: images, datasets and loaders: 271 lines
+    Data: streamed WebDataset shards and Hugging Face datasets: 378 lines
+    Data: the split: 163 lines
+    Data: images, datasets and loaders: 274 lines
     Model: 320 lines
     Captioning: 89 lines
     Checkpoints: 180 lines
@@ -974,6 +974,7 @@ def index_stream(cfg, main=True):
     VAL_IMAGES / TEST_IMAGES, and 10% each of a small dataset."""
     from concurrent.futures import ThreadPoolExecutor
 
+    import pandas as pd
     from tqdm.auto import tqdm
 
     source = make_source(cfg)
@@ -991,6 +992,7 @@ def index_stream(cfg, main=True):
     broken = [(source.name(unit), c["error"]) for unit, c in zip(source.units, counted) if c["error"]]
     left_out = [f"{name}: {problem}" for c in counted for name, problem in c["left_out"]]
     left_out += [f"{name} (from there on): {error}" for name, error in broken]
+    bad = sum(c["bad"] for c in counted)
     total = sum(c["samples"][split] for c in counted for split in (None, "train", "val", "test"))
     if total == 0:
         example = f" (e.g. {left_out[0]})" if left_out else ""
@@ -1000,22 +1002,20 @@ def index_stream(cfg, main=True):
         val, test = held.taken("val"), held.taken("test")
         split_name = "the data's own split"
     else:
-        n_val = min(cfg.val_images, max(1, total // 10)) if total >= 3 else 0
-        n_test = min(cfg.test_images, max(1, total // 10)) if total >= 3 else 0
+        n_val, n_test = held_out_sizes(total, cfg.val_images, cfg.test_images)
         taken = held.taken("held")
         val, test = taken[:n_val], taken[n_val:n_val + n_test]
         split_name = f"held out by a hash of each sample's key (seed {cfg.seed})"
     held_names = {name for name, *_ in val + test}
     train_rows = [c["rows"]["train"] + c["rows"][None] for c in counted]
     train_samples = sum(c["samples"]["train"] + c["samples"][None] for c in counted)
-    for name, unit, _, captions in val + test:
-        if not source.has_split:  # hashed out of training: its rows leave its unit's count
-            train_rows[source.units.index(unit)] -= len(captions)
-            train_samples -= 1
+    if not source.has_split:  # hashed out of training: their rows leave their units' counts
+        position = {unit: k for k, unit in enumerate(source.units)}
+        for _, unit, _, captions in val + test:
+            train_rows[position[unit]] -= len(captions)
+        train_samples -= len(val) + len(test)
     rows = [(name, caption, split) for split, part in (("val", val), ("test", test))
             for name, _, _, captions in part for caption in captions]
-    import pandas as pd
-
     captions = pd.DataFrame(rows, columns=["image_name", "caption", "split"])
     if main:
         print(f"Data: {source.describe}, {total:,} samples; training on {train_samples:,} images "
@@ -1023,7 +1023,6 @@ def index_stream(cfg, main=True):
         if broken:
             print(f"Left out {len(broken)} of {len(source.units)} {source.unit_word}(s) from where they could not be "
                   f"read (e.g. {broken[0][0]}: {broken[0][1]})")
-        bad = sum(c["bad"] for c in counted)
         if bad:
             print(f"Left out {bad:,} samples without an image, a caption or a known split (e.g. {left_out[0]})")
     plan = types.SimpleNamespace(source=source, units=source.units, train_rows=train_rows, held=held_names)
@@ -1033,7 +1032,7 @@ def index_stream(cfg, main=True):
         splits={"train": [], "val": [name for name, *_ in val], "test": [name for name, *_ in test]},
         open_image=partial(image_from_bytes, {name: image for name, _, image, _ in val + test}),
         caption_files=[source.describe], skipped_rows=0, unknown_splits={}, stream=plan,
-        left_out_count=len(broken) + sum(c["bad"] for c in counted),
+        left_out_count=len(broken) + bad,
         train_images=train_samples, train_captions=sum(train_rows),
         train_split={"images": train_samples, "sha256": digest})
 
@@ -1188,10 +1187,16 @@ def split_by_image(image_names, val_images, test_images, seed):
     Small sets get at most 10% per held-out split but at least one image each once there are three."""
     names = sorted(set(image_names))
     random.Random(seed).shuffle(names)
-    n = len(names)
-    n_val = min(val_images, max(1, n // 10)) if n >= 3 else 0
-    n_test = min(test_images, max(1, n // 10)) if n >= 3 else 0
+    n_val, n_test = held_out_sizes(len(names), val_images, test_images)
     return {"train": names[n_val + n_test:], "val": names[:n_val], "test": names[n_val:n_val + n_test]}
+
+
+def held_out_sizes(images, val_images, test_images):
+    """(validation, test) image counts of a split of `images`: VAL_IMAGES / TEST_IMAGES, at most 10% each of small
+    data but at least one each once there are three images."""
+    if images < 3:
+        return 0, 0
+    return min(val_images, max(1, images // 10)), min(test_images, max(1, images // 10))
 
 
 def train_split_digest(splits):
@@ -1291,11 +1296,7 @@ class CaptionDataset(torch.utils.data.Dataset):
         return len(self.rows)
 
     def pixels(self, name):
-        try:
-            return preprocess(self.processor, [self.open_image(name)])[0]
-        except IMAGE_ERRORS as exc:  # passed the up-front check (e.g. a JPEG cut short): left out here, by name
-            print(f"Left out {name}: not a decodable image ({type(exc).__name__}: {exc})", file=sys.stderr)
-            return None
+        return decoded_pixels(self.processor, self.open_image, name)
 
     def __getitem__(self, index):
         name, caption = self.rows[index]
@@ -1303,16 +1304,34 @@ class CaptionDataset(torch.utils.data.Dataset):
         return None if pixels is None else (pixels, caption)
 
     def __getitems__(self, indices):
-        images = {}  # name -> pixels, in the order the batch first names each image
-        for name in dict.fromkeys(self.rows[i][0] for i in indices):
-            if (pixels := self.pixels(name)) is not None:
-                images[name] = pixels
-        kept = [i for i in indices if self.rows[i][0] in images]
-        if not kept:
-            return None
-        position = {name: k for k, name in enumerate(images)}
-        return {"pixel_values": torch.stack(list(images.values())), "captions": [self.rows[i][1] for i in kept],
-                "image_index": torch.tensor([position[self.rows[i][0]] for i in kept])}
+        batch, _ = caption_batch([self.rows[i] for i in indices], self.pixels)
+        return batch
+
+
+def decoded_pixels(processor, open_image, name):
+    """The preprocessed pixels of image `name`, or None (said, by name) when it does not decode: it passed the
+    up-front check (e.g. a JPEG cut short) or there was none (streamed data)."""
+    try:
+        return preprocess(processor, [open_image(name)])[0]
+    except IMAGE_ERRORS as exc:
+        print(f"Left out {name}: not a decodable image ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return None
+
+
+def caption_batch(rows, pixels_of):
+    """({pixel_values (images, 3, H, W), captions, image_index (which image each caption describes)}, the names of
+    its images) of (image name, caption) rows, each image decoded once by pixels_of (None: its captions are left
+    out); (None, []) when no image decodes."""
+    images = {}  # name -> pixels, in the order the rows first name each image
+    for name in dict.fromkeys(name for name, _ in rows):
+        if (pixels := pixels_of(name)) is not None:
+            images[name] = pixels
+    kept = [(name, caption) for name, caption in rows if name in images]
+    if not kept:
+        return None, []
+    position = {name: k for k, name in enumerate(images)}
+    return ({"pixel_values": torch.stack(list(images.values())), "captions": [caption for _, caption in kept],
+             "image_index": torch.tensor([position[name] for name, _ in kept])}, list(images))
 
 
 def tokenize_captions(tokenizer, captions, max_tokens):
@@ -1435,22 +1454,11 @@ class StreamBatches(torch.utils.data.IterableDataset):
         yield from shuffle(SHUFFLE_BUFFER, initial=SHUFFLE_BUFFER, seed=seed)(trainable())
 
     def batch(self, rows, where):
-        images = {}  # name -> pixels, each image of the batch decoded once
-        for name, image, _ in rows:
-            if name not in images:
-                try:
-                    images[name] = preprocess(self.processor, [load_image(io.BytesIO(image))])[0]
-                except IMAGE_ERRORS as exc:
-                    print(f"Left out {name}: not a decodable image ({type(exc).__name__}: {exc})", file=sys.stderr)
-                    images[name] = None
-        images = {name: pixels for name, pixels in images.items() if pixels is not None}
-        kept = [(name, caption) for name, _, caption in rows if name in images]
-        if not kept:
-            return {"where": where}
-        position = {name: k for k, name in enumerate(images)}
-        return {"pixel_values": torch.stack(list(images.values())), "captions": [c for _, c in kept],
-                "image_index": torch.tensor([position[name] for name, _ in kept]), "keys": list(images),
-                "where": where}
+        encoded = {name: image for name, image, _ in rows}
+        open_image = partial(image_from_bytes, encoded)
+        batch, names = caption_batch([(name, caption) for name, _, caption in rows],
+                                     partial(decoded_pixels, self.processor, open_image))
+        return {"where": where} if batch is None else {**batch, "keys": names, "where": where}
 
 
 def train_batches(data, processor, cfg, epoch, rank, world, progress=None):

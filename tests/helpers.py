@@ -1,5 +1,5 @@
-"""What several test modules share: running a script's command line in-process, reading its one error line
-and its training log, interrupting training, a tiny model config, and where Chromium is."""
+"""What several test modules share: parsing training settings, running a script's command line in-process, reading
+its one error line and its training log, interrupting training, a tiny model config, and where Chromium is."""
 
 import json
 import shutil
@@ -8,6 +8,11 @@ from pathlib import Path
 import pytest
 
 import training_script as ts
+
+
+def config_of(*argv):
+    """The training settings these command-line arguments give, as training_script parses them."""
+    return ts.parse_config(ts.CONSTANTS, [str(a) for a in argv], ts.FLAG_ALIASES)
 
 
 def cli(capsys, script, *argv):

@@ -17,7 +17,7 @@ import pytest
 import inference_script
 import training_script as ts
 from conftest import ROOT, draw_shape, make_flickr_folder, train_args
-from helpers import cli, one_error_line
+from helpers import cli, config_of, one_error_line
 
 FAST = ("--epochs", "1", "--batch-size", "16", "--eval-interval", "0")
 
@@ -29,10 +29,6 @@ def trained(flickr_dir, tiny_models, tmp_path_factory):
     args = train_args(flickr_dir, tiny_models, out, *FAST)
     ts.main(args)
     return out, args
-
-
-def config_of(*argv):
-    return ts.parse_config(ts.CONSTANTS, [str(a) for a in argv], ts.FLAG_ALIASES)
 
 
 def snapshot(folder):

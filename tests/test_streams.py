@@ -16,7 +16,7 @@ from PIL import Image
 
 import training_script as ts
 from conftest import train_args
-from helpers import cli, one_error_line
+from helpers import cli, config_of, one_error_line
 from streams import add_member, shape_samples, write_hf_dataset, write_shards
 
 
@@ -46,10 +46,6 @@ def processor():
     from transformers import ViTImageProcessor
 
     return ViTImageProcessor(size={"height": 32, "width": 32})
-
-
-def config(*argv):
-    return ts.parse_config(ts.CONSTANTS, [str(a) for a in argv], ts.FLAG_ALIASES)
 
 
 def epoch_keys(data, processor, tokenizer, cfg, epoch, rank=0, world=1, progress=None, stop_after=None):
@@ -98,7 +94,7 @@ def test_a_folder_a_pattern_and_urls_read_the_same_samples(shards, shard_server)
     every = sorted(name for names in written.values() for name in names)
     found, splits = [], []
     for spec in (folder, f"{folder}/{{00000..00004}}.tar", f"{shard_server}/{{00000..00004}}.tar"):
-        data = ts.prepare_data(config("--data-dir", spec), main=False)
+        data = ts.prepare_data(config_of("--data-dir", spec), main=False)
         assert data.layout == "webdataset"
         found.append(data.stream.units)
         splits.append(data.splits)
@@ -112,7 +108,7 @@ def test_a_folder_a_pattern_and_urls_read_the_same_samples(shards, shard_server)
 
 def test_captions_come_from_the_json_when_there_is_no_txt(samples, tmp_path):
     write_shards(tmp_path, samples[:20], 2, caption_in="json")
-    data = ts.prepare_data(config("--data-dir", tmp_path, "--val-images", "2", "--test-images", "2"), main=False)
+    data = ts.prepare_data(config_of("--data-dir", tmp_path, "--val-images", "2", "--test-images", "2"), main=False)
     assert data.train_images == 16 and data.train_captions == 16
     truth = {f"{i % 2:05d}/{i % 2:05d}{i // 2:04d}": captions[0] for i, (_, _, captions) in enumerate(samples[:20])}
     for name, caption in zip(data.captions["image_name"], data.captions["caption"]):
@@ -121,23 +117,23 @@ def test_captions_come_from_the_json_when_there_is_no_txt(samples, tmp_path):
 
 def test_the_held_out_split_is_fixed_disjoint_and_sized(shards):
     folder, written = shards
-    first = ts.prepare_data(config("--data-dir", folder, "--val-images", "4", "--test-images", "3"), main=False)
-    again = ts.prepare_data(config("--data-dir", f"{folder}/{{00000..00004}}.tar", "--val-images", "4",
+    first = ts.prepare_data(config_of("--data-dir", folder, "--val-images", "4", "--test-images", "3"), main=False)
+    again = ts.prepare_data(config_of("--data-dir", f"{folder}/{{00000..00004}}.tar", "--val-images", "4",
                                    "--test-images", "3"), main=False)
     assert (len(first.splits["val"]), len(first.splits["test"])) == (4, 3)
     assert first.splits == again.splits and first.train_split == again.train_split
     assert not set(first.splits["val"]) & set(first.splits["test"])
     assert "hash" in first.split_name
-    other_seed = ts.prepare_data(config("--data-dir", folder, "--val-images", "4", "--test-images", "3",
+    other_seed = ts.prepare_data(config_of("--data-dir", folder, "--val-images", "4", "--test-images", "3",
                                         "--seed", "7"), main=False)
     assert other_seed.splits["val"] != first.splits["val"]
-    small = ts.prepare_data(config("--data-dir", folder), main=False)  # 10% of 60 each, not 1014 / 1000
+    small = ts.prepare_data(config_of("--data-dir", folder), main=False)  # 10% of 60 each, not 1014 / 1000
     assert (len(small.splits["val"]), len(small.splits["test"])) == (6, 6)
 
 
 def test_two_processes_of_two_workers_read_every_sample_once_in_equal_steps(shards, processor, tokenizer):
     folder, written = shards
-    cfg = config("--data-dir", folder, "--num-workers", "2", "--batch-size", "4")
+    cfg = config_of("--data-dir", folder, "--num-workers", "2", "--batch-size", "4")
     data = ts.prepare_data(cfg, main=False)
     held = set(data.splits["val"] + data.splits["test"])
     expected = Counter(name for names in written.values() for name in names if name not in held)
@@ -159,7 +155,7 @@ def test_two_processes_of_two_workers_read_every_sample_once_in_equal_steps(shar
 
 def test_epochs_differ_in_order_and_the_same_epoch_is_the_same(shards, processor, tokenizer):
     folder, _ = shards
-    cfg = config("--data-dir", folder, "--num-workers", "0", "--batch-size", "4")
+    cfg = config_of("--data-dir", folder, "--num-workers", "0", "--batch-size", "4")
     data = ts.prepare_data(cfg, main=False)
     one = epoch_keys(data, processor, tokenizer, cfg, 1)[1]
     assert one == epoch_keys(data, processor, tokenizer, cfg, 1)[1]
@@ -169,7 +165,7 @@ def test_epochs_differ_in_order_and_the_same_epoch_is_the_same(shards, processor
 @pytest.mark.parametrize("workers", ["0", "2"])
 def test_a_resume_reads_exactly_the_batches_the_interrupted_run_had_not(shards, processor, tokenizer, workers):
     folder, _ = shards
-    cfg = config("--data-dir", folder, "--num-workers", workers, "--batch-size", "3")
+    cfg = config_of("--data-dir", folder, "--num-workers", workers, "--batch-size", "3")
     data = ts.prepare_data(cfg, main=False)
     _, whole = epoch_keys(data, processor, tokenizer, cfg, 2)
     dataset, trained = epoch_keys(data, processor, tokenizer, cfg, 2, stop_after=5)
@@ -203,7 +199,7 @@ def broken_shards(samples, folder):
 
 def test_bad_shards_and_samples_are_left_out_by_name_and_counted(samples, tmp_path, capsys):
     paths = broken_shards(samples, tmp_path)
-    data = ts.prepare_data(config("--data-dir", tmp_path, "--val-images", "0", "--test-images", "0"))
+    data = ts.prepare_data(config_of("--data-dir", tmp_path, "--val-images", "0", "--test-images", "0"))
     out = capsys.readouterr().out
     assert "Left out 1 of 4 shard(s) from where they could not be read (e.g. 00000: ReadError" in out
     assert "Left out 3 samples without an image, a caption or a known split" in out
@@ -219,7 +215,7 @@ def test_bad_shards_and_samples_are_left_out_by_name_and_counted(samples, tmp_pa
 def test_a_missing_or_stalling_url_is_left_out_within_the_timeout(shard_server, capsys):
     spec = f"{shard_server}/{{00000,00001,00002,missing,stall}}.tar"
     started = time.perf_counter()
-    data = ts.prepare_data(config("--data-dir", spec, "--request-timeout", "1", "--val-images", "0",
+    data = ts.prepare_data(config_of("--data-dir", spec, "--request-timeout", "1", "--val-images", "0",
                                   "--test-images", "0"))
     took = time.perf_counter() - started
     out = capsys.readouterr().out
@@ -242,11 +238,11 @@ def test_nothing_readable_is_one_error_line(tmp_path, tiny_models, capsys):
 
 def test_hugging_face_columns_and_own_split(samples, tmp_path, tiny_models, capsys):
     plain = write_hf_dataset(tmp_path / "plain", samples[:30], 3)
-    data = ts.prepare_data(config("--hf-dataset", plain), main=False)
+    data = ts.prepare_data(config_of("--hf-dataset", plain), main=False)
     assert data.layout == "huggingface" and data.train_images == 24 and data.train_captions == 24 * 5
     assert len(data.stream.units) == 3 and "hash" in data.split_name
     split = write_hf_dataset(tmp_path / "split", samples[:30], 2, split_column=True)
-    data = ts.prepare_data(config("--hf-dataset", split), main=False)
+    data = ts.prepare_data(config_of("--hf-dataset", split), main=False)
     assert data.split_name == "the data's own split" and data.train_images == 18
     assert (len(data.splits["val"]), len(data.splits["test"])) == (6, 6)
     for flag, value, expected in (("--caption-column", "nope", "--caption-column 'nope' is not a column of"),
@@ -273,11 +269,11 @@ def test_batches_are_planned_for_equal_steps_with_every_row_once():
 def test_odd_shard_names_and_captions(samples, tmp_path, capsys):
     write_shards(tmp_path / "a", samples[:10], 1)  # a/00000.tar and b/00000.tar: one file name, two shards
     write_shards(tmp_path / "b", samples[10:20], 1)
-    data = ts.prepare_data(config("--data-dir", f"{tmp_path}/{{a,b}}/00000.tar", "--val-images", "0",
+    data = ts.prepare_data(config_of("--data-dir", f"{tmp_path}/{{a,b}}/00000.tar", "--val-images", "0",
                                   "--test-images", "0"), main=False)
     assert data.train_captions == 20 and [data.stream.source.name(u) for u in data.stream.units] == ["a/00000",
                                                                                                         "b/00000"]
-    quoted = ts.prepare_data(config("--data-dir", f"{tmp_path}/*/*.tar", "--val-images", "0", "--test-images", "0"),
+    quoted = ts.prepare_data(config_of("--data-dir", f"{tmp_path}/*/*.tar", "--val-images", "0", "--test-images", "0"),
                              main=False)  # a wildcard the shell did not expand
     assert quoted.stream.units == data.stream.units
     odd = tmp_path / "odd"
@@ -289,7 +285,7 @@ def test_odd_shard_names_and_captions(samples, tmp_path, capsys):
                 add_member(tar, f"{key}.txt", caption)
             else:
                 add_member(tar, f"{key}.json", json.dumps({"caption": 123}).encode())  # a number is no caption
-    data = ts.prepare_data(config("--data-dir", odd, "--val-images", "0", "--test-images", "0"), main=False)
+    data = ts.prepare_data(config_of("--data-dir", odd, "--val-images", "0", "--test-images", "0"), main=False)
     rows = [(name, captions) for name, _, captions, _ in data.stream.source.samples(data.stream.units[0])]
     assert rows[0] == ("00000/k1", ["café crème"]) and data.train_captions == 2
     assert data.left_out == ["00000/k2: no caption"]
@@ -301,7 +297,7 @@ def test_a_named_pipe_among_the_shards_is_left_out_not_waited_on(samples, tmp_pa
     write_shards(tmp_path, samples[:10], 1)
     os.mkfifo(tmp_path / "00001.tar")
     result = {}
-    reader = threading.Thread(target=lambda: result.update(data=ts.prepare_data(config(
+    reader = threading.Thread(target=lambda: result.update(data=ts.prepare_data(config_of(
         "--data-dir", tmp_path, "--val-images", "0", "--test-images", "0"), main=False)), daemon=True)
     reader.start()
     reader.join(timeout=60)
@@ -313,7 +309,7 @@ def test_a_named_pipe_among_the_shards_is_left_out_not_waited_on(samples, tmp_pa
 def test_one_parquet_file_and_both_sources_at_once(samples, tmp_path, tiny_models, capsys):
     folder = write_hf_dataset(tmp_path / "hf", samples[:20], 1)
     (one,) = (folder / "data").glob("*.parquet")
-    data = ts.prepare_data(config("--hf-dataset", one, "--val-images", "0", "--test-images", "0"), main=False)
+    data = ts.prepare_data(config_of("--hf-dataset", one, "--val-images", "0", "--test-images", "0"), main=False)
     assert data.train_images == 20
     code, _, err = cli(capsys, ts, "--hf-dataset", folder, "--data-dir", tmp_path, "--device", "cpu",
                        "--output-dir", tmp_path / "out")

@@ -16,7 +16,7 @@ import pytest
 
 import training_script as ts
 from conftest import ROOT, draw_shape, run_script, train_args
-from helpers import cli, read_log, runs_of, interrupt_training_at
+from helpers import cli, config_of, interrupt_training_at, read_log, runs_of
 from streams import shape_samples, write_hf_dataset, write_shards
 
 
@@ -47,7 +47,7 @@ def test_shards_train_and_a_resume_reads_exactly_the_rest(shard_dir, tiny_models
     assert "Resuming from" in stdout and "after batch 3" in stdout
     first, second = runs_of(read_log(tmp_path / "out" / "training_log.jsonl"))
     saved = Counter(key for r in first if r["type"] == "batch" and r["step"] <= 3 for key in r["keys"])
-    data = ts.prepare_data(ts.parse_config(ts.CONSTANTS, ["--data-dir", str(shard_dir)]), main=False)
+    data = ts.prepare_data(config_of("--data-dir", shard_dir), main=False)
     resumed = batch_keys(second, 1)
     assert not saved & resumed and sum(saved.values()) == 12  # 3 batches of 4
     held = set(data.splits["val"] + data.splits["test"])
@@ -115,7 +115,7 @@ def test_two_processes_train_on_shards_in_lockstep(shard_dir, tiny_models, tmp_p
     assert result.stdout.count("Counting the samples of") == 1  # one counting pass, sent to the other process
     assert result.stdout.count("Epoch 2: average train loss") == 1
     records = read_log(tmp_path / "training_log.jsonl")
-    cfg = ts.parse_config(ts.CONSTANTS, ["--data-dir", str(shard_dir), "--batch-size", "4", "--num-workers", "2"])
+    cfg = config_of("--data-dir", shard_dir, "--batch-size", "4", "--num-workers", "2")
     data = ts.prepare_data(cfg, main=False)
     for epoch in (1, 2):
         mine = ts.train_batches(data, None, cfg, epoch, 0, 2)
